@@ -1,0 +1,141 @@
+"""`dide-train` end to end through main([...]): teacher, distill, eval, resume, HF checkpoints, torchrun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertTokenizerFast, ViltConfig, ViltForImagesAndTextClassification, ViltForQuestionAnswering
+
+from training.scenes import VQA_LABELS
+from training.student import load_student
+from training.train import main
+
+SCENES = "scenes:train=24,test=12,seed=3"
+FAST = ["--epochs", "1", "--batch-size", "8", "--log-every", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def vqa_teacher(tmp_path_factory, monkeypatch_module):
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    assert main(["teacher", "--task", "vqa", "--data", SCENES, "--size", "tiny", "--out", str(out), *FAST]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DIDE_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+    yield mp
+    mp.undo()
+
+
+def run_eval(capsys, model_dir) -> dict:
+    capsys.readouterr()
+    assert main(["eval", "--model", str(model_dir)]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_teacher_distill_eval(vqa_teacher, tmp_path, capsys):
+    assert {"config.json", "model.safetensors", "tokenizer.json", "dide.json"} <= {
+        p.name for p in vqa_teacher.iterdir()
+    }
+    result = run_eval(capsys, vqa_teacher)
+    assert result["n"] > 0 and 0.0 <= result["accuracy"] <= 1.0 and result["task"] == "vqa"
+
+    student_dir = tmp_path / "student"
+    argv = ["distill", "--task", "vqa", "--teacher", str(vqa_teacher), "--out", str(student_dir), *FAST]
+    assert main(argv) == 0
+    loaded = load_student(student_dir)
+    assert loaded.model.config.hidden_size == 32 and loaded.data == SCENES
+    result = run_eval(capsys, student_dir)
+    assert result["n"] == run_eval(capsys, vqa_teacher)["n"]
+    assert not (tmp_path / "student.resume").exists()  # resume state is removed after a finished run
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--w-pred", "0", "--w-attn", "0", "--w-gt", "1"], ["--w-attn", "0"], ["--no-i2t"], ["--blind", "image"]],
+)
+def test_ablation_flags_run(vqa_teacher, tmp_path, flags):
+    out = tmp_path / "s"
+    argv = ["distill", "--task", "vqa", "--teacher", str(vqa_teacher), "--out", str(out), *FAST, *flags]
+    assert main(argv) == 0
+    assert json.loads((out / "config.json").read_text())["loss_weights"]["i2t"] == ("--no-i2t" not in flags)
+
+
+def test_resume_after_interruption(vqa_teacher, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "s"
+    argv = ["distill", "--task", "vqa", "--teacher", str(vqa_teacher), "--out", str(out), *FAST]
+    argv[argv.index("--epochs") + 1] = "2"
+
+    def interrupt(*args, **kwargs):  # the kill arrives after epoch 1's resume state is committed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("training.train.evaluate_dir", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--eval-every", "1"])
+    resume = tmp_path / "s.resume"
+    state = json.loads((resume / "state.json").read_text())
+    assert state["epoch"] == 1 and state["step"] > 0
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert f"resuming from {resume} at epoch 1, step {state['step']}" in capsys.readouterr().err
+    assert not resume.exists()
+    assert load_student(out).model.config.task == "vqa"
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["teacher", "--task", "entailment", "--data", "easy-vqa", "--out", str(tmp_path / "t")]) == 2
+    assert "easy-vqa" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def save_hf_tokenizer(directory: Path) -> None:
+    words = sorted({w for label in VQA_LABELS for w in label.split()} | {"what", "color", "shape", "is", "the", "of"})
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, "?", "left", "right"]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(directory)
+
+
+def test_hf_vilt_checkpoints_work_as_teachers(tmp_path, monkeypatch_module, capsys):
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=64,
+                  patch_size=16, max_position_embeddings=16, vocab_size=64)  # fmt: skip
+    qa_dir = tmp_path / "hf-vqa"
+    labels = list(VQA_LABELS)
+    ViltForQuestionAnswering(
+        ViltConfig(**common, num_labels=len(labels), id2label=dict(enumerate(labels)))
+    ).save_pretrained(qa_dir)
+    save_hf_tokenizer(qa_dir)
+    out = tmp_path / "s-vqa"
+    assert main(["distill", "--task", "vqa", "--data", SCENES, "--teacher", str(qa_dir), "--out", str(out), *FAST]) == 0
+    assert load_student(out).labels == labels
+
+    nlvr_dir = tmp_path / "hf-nlvr2"
+    ViltForImagesAndTextClassification(
+        ViltConfig(**common, num_images=2, modality_type_vocab_size=3, num_labels=2)
+    ).save_pretrained(nlvr_dir)
+    save_hf_tokenizer(nlvr_dir)
+    out = tmp_path / "s-nlvr2"
+    argv = ["distill", "--task", "reasoning", "--data", SCENES, "--teacher", str(nlvr_dir), "--out", str(out), *FAST]
+    assert main(argv) == 0
+    assert load_student(out).labels == ["False", "True"]
+    assert run_eval(capsys, out)["task"] == "reasoning"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(vqa_teacher, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [torchrun, "--nproc_per_node", "2", "-m", "training.train", "distill", "--task", "vqa", "--teacher",
+            str(vqa_teacher), "--out", str(out), *FAST]  # fmt: skip
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_student(out).model.config.task == "vqa"
+    assert torch.isfinite(next(iter(load_student(out).model.parameters()))).all()

@@ -1,0 +1,81 @@
+"""The example types shared by every dataset, one per task, and the split container."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TASKS = ("vqa", "entailment", "reasoning")
+ENTAILMENT_LABELS = ("entailment", "neutral", "contradiction")
+REASONING_LABELS = ("False", "True")
+
+
+@dataclass(frozen=True)
+class VQAExample:
+    """One question about one image; `answers` maps answer -> soft score in [0, 1]."""
+
+    image: Path
+    question: str
+    answers: dict[str, float]
+
+
+@dataclass(frozen=True)
+class EntailmentExample:
+    """An image premise and a text hypothesis; `label` is one of ENTAILMENT_LABELS."""
+
+    image: Path
+    hypothesis: str
+    label: str
+
+
+@dataclass(frozen=True)
+class ReasoningExample:
+    """Two images and one statement about them (NLVR2 style); `label` is whether it is true."""
+
+    images: tuple[Path, Path]
+    statement: str
+    label: bool
+
+
+Example = VQAExample | EntailmentExample | ReasoningExample
+
+
+@dataclass
+class TaskData:
+    """A dataset ready for training: its task, label vocabulary and splits."""
+
+    task: str
+    labels: list[str]
+    train: list[Example]
+    test: list[Example]
+    name: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+def text_of(ex: Example) -> str:
+    if isinstance(ex, VQAExample):
+        return ex.question
+    if isinstance(ex, EntailmentExample):
+        return ex.hypothesis
+    return ex.statement
+
+
+def images_of(ex: Example) -> tuple[Path, ...]:
+    if isinstance(ex, ReasoningExample):
+        return ex.images
+    return (ex.image,)
+
+
+def target_of(ex: Example, labels: list[str]) -> list[float]:
+    """The training target as a score per label (soft scores for VQA, one-hot otherwise)."""
+    index = {a: i for i, a in enumerate(labels)}
+    y = [0.0] * len(labels)
+    if isinstance(ex, VQAExample):
+        for a, s in ex.answers.items():
+            if a in index:
+                y[index[a]] = s
+    elif isinstance(ex, EntailmentExample):
+        y[index[ex.label]] = 1.0
+    else:
+        y[index[str(ex.label)]] = 1.0
+    return y

@@ -1,0 +1,276 @@
+"""The fusion-encoder teacher: a thin wrapper over Hugging Face ViLT with the three task heads."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor, nn
+from transformers import ViltConfig, ViltForImagesAndTextClassification, ViltForQuestionAnswering
+
+from export.preprocess import ImageSpec, TextEncoder
+from training.examples import ENTAILMENT_LABELS, REASONING_LABELS
+from training.student import DualEncoderStudent, StudentConfig, atomic_directory
+from training.tokenizer import load_checkpoint_tokenizer
+
+# Named from-scratch sizes. `base` is ViLT-B/32; `small` is the report model for 64x64 easy-VQA and scenes,
+# `mini` (16x16 patches, 4x fewer image tokens) the demo's; `tiny` is for tests.
+SIZES: dict[str, dict] = {
+    "tiny": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8
+    ),
+    "mini": dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, image_size=64, patch_size=16
+    ),
+    "small": dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, image_size=64, patch_size=8
+    ),
+    "base": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        image_size=384,
+        patch_size=32,
+    ),
+}
+MAX_TEXT_LEN = 40  # position embeddings of from-scratch teachers (ViLT's max_text_len)
+
+
+class FusionOutput(NamedTuple):
+    logits: Tensor  # (B, C)
+    # Last-layer queries/keys per image pass, split by modality, image patches in raster order:
+    # (q_text (B,H,L,hs), k_text, q_image (B,H,1+N,hs), k_image); one tuple per image (two for NLVR2).
+    qk: list[tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
+@dataclass
+class Teacher:
+    """A ViLT task model with what DiDE needs from it: logits and last-layer cross-modal q/k."""
+
+    model: ViltForQuestionAnswering | ViltForImagesAndTextClassification
+    task: str
+    labels: list[str]
+    image_spec: ImageSpec
+    text: TextEncoder
+    data: str
+
+    def __post_init__(self) -> None:
+        _raster_order_patches(self.model.vilt.embeddings)
+
+    @property
+    def config(self) -> ViltConfig:
+        return self.model.config
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixels: Tensor,
+        pixels2: Tensor | None = None,
+        keep_qk: bool = False,
+    ) -> FusionOutput:
+        captured: list[tuple[Tensor, Tensor]] = []
+        hooks = []
+        if keep_qk:
+            attn = self.model.vilt.encoder.layer[-1].attention.attention
+            store: dict[str, Tensor] = {}
+            hooks.append(attn.query.register_forward_hook(lambda m, i, o: store.__setitem__("q", o)))
+
+            def on_key(m, i, o):
+                captured.append((store["q"], o))
+
+            hooks.append(attn.key.register_forward_hook(on_key))
+        try:
+            if self.task == "reasoning":
+                if pixels2 is None:
+                    raise ValueError("the reasoning teacher needs two images")
+                logits = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    pixel_values=torch.stack([pixels, pixels2], dim=1),
+                ).logits
+            else:
+                logits = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        L, H = input_ids.shape[1], self.config.num_attention_heads
+        qk = []
+        for q, k in captured:
+            q = q.view(q.shape[0], q.shape[1], H, -1).transpose(1, 2)  # (B, H, L + 1 + N, hs)
+            k = k.view(k.shape[0], k.shape[1], H, -1).transpose(1, 2)
+            qk.append((q[:, :, :L], k[:, :, :L], q[:, :, L:], k[:, :, L:]))
+        return FusionOutput(logits, qk)
+
+    def save(self, directory: str | Path) -> None:
+        """save_pretrained + tokenizer.json + dide.json (task, labels, preprocessing), atomically."""
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp)
+            self.text.tokenizer.save(str(tmp / "tokenizer.json"))
+            meta = {
+                "kind": "teacher",
+                "task": self.task,
+                "labels": self.labels,
+                "image_spec": self.image_spec.to_dict(),
+                "max_text_len": self.text.max_len,
+                "data": self.data,
+            }
+            (tmp / "dide.json").write_text(json.dumps(meta, indent=2))
+
+        atomic_directory(directory, write)
+
+
+def _raster_order_patches(embeddings: nn.Module) -> None:
+    """Make ViLT keep image patches in raster order.
+
+    HF ViLT's visual_embed samples the valid patches with torch.multinomial, i.e. shuffles them. Attention
+    is permutation-equivariant, so the outputs do not change when we undo that shuffle, but the student's
+    attention maps are compared entry by entry with the teacher's, so the order must match its own.
+    """
+    original = embeddings.visual_embed
+
+    def visual_embed(pixel_values, pixel_mask, max_image_length=200):
+        x, x_mask, (patch_index, (height, width)) = original(pixel_values, pixel_mask, max_image_length)
+        order = (patch_index[..., 0] * width + patch_index[..., 1]).argsort(dim=1)  # (B, N)
+        take = order[..., None]
+        x = torch.cat([x[:, :1], x[:, 1:].gather(1, take.expand(-1, -1, x.shape[-1]))], dim=1)
+        x_mask = torch.cat([x_mask[:, :1], x_mask[:, 1:].gather(1, order)], dim=1)
+        patch_index = patch_index.gather(1, take.expand(-1, -1, 2))
+        return x, x_mask, (patch_index, (height, width))
+
+    embeddings.visual_embed = visual_embed
+
+
+def labels_for(task: str, labels: list[str] | None) -> list[str]:
+    if task == "entailment":
+        return list(ENTAILMENT_LABELS)
+    if task == "reasoning":
+        return list(REASONING_LABELS)
+    if not labels:
+        raise ValueError("a VQA teacher needs its answer vocabulary")
+    return list(labels)
+
+
+def build_teacher(
+    size: str,
+    task: str,
+    labels: list[str],
+    tokenizer: Tokenizer,
+    data: str,
+    dropout: float = 0.1,
+    max_text_len: int = 16,
+) -> Teacher:
+    """A from-scratch ViLT of a named size; texts are padded to `max_text_len` tokens (<= MAX_TEXT_LEN)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown teacher size {size!r}; choose one of {sorted(SIZES)}")
+    if not 2 < max_text_len <= MAX_TEXT_LEN:
+        raise ValueError(f"max_text_len must be in 3..{MAX_TEXT_LEN}, got {max_text_len}")
+    labels = labels_for(task, labels)
+    cfg = ViltConfig(
+        **SIZES[size],
+        vocab_size=tokenizer.get_vocab_size(),
+        max_position_embeddings=MAX_TEXT_LEN,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={a: i for i, a in enumerate(labels)},
+        num_images=2 if task == "reasoning" else -1,
+        modality_type_vocab_size=3 if task == "reasoning" else 2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        max_image_length=-1,
+    )
+    cls = ViltForImagesAndTextClassification if task == "reasoning" else ViltForQuestionAnswering
+    model = cls(cfg)
+    text = TextEncoder(tokenizer, max_text_len)
+    return Teacher(model, task, labels, ImageSpec(size=cfg.image_size), text, data)
+
+
+def load_teacher(directory: str | Path, task: str | None = None, data: str = "") -> Teacher:
+    """A teacher saved by `dide-train teacher`, or any HF ViLT task checkpoint directory (or hub id).
+
+    HF checkpoints: ViltForQuestionAnswering (vqa; also entailment with a 3-way head),
+    ViltForImagesAndTextClassification (reasoning); the tokenizer.json saved beside the weights is used.
+    """
+    directory = Path(directory)
+    meta_path = directory / "dide.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    cfg = ViltConfig.from_pretrained(directory)
+    task = task or meta.get("task") or ("reasoning" if cfg.num_images == 2 else "vqa")
+    if task == "reasoning":
+        model = ViltForImagesAndTextClassification.from_pretrained(directory)
+    else:
+        model = ViltForQuestionAnswering.from_pretrained(directory)
+    labels = meta.get("labels") or [cfg.id2label[i] for i in range(cfg.num_labels)]
+    if task == "entailment" and len(labels) != 3:
+        raise ValueError(f"{directory}: an entailment teacher needs a 3-way head, this one has {len(labels)}")
+    if task == "reasoning" and [str(x) for x in labels] != list(REASONING_LABELS):
+        labels = list(REASONING_LABELS)  # NLVR2 checkpoints label 0 False, 1 True
+    spec = ImageSpec.from_dict(meta["image_spec"]) if "image_spec" in meta else ImageSpec(size=cfg.image_size)
+    max_len = meta.get("max_text_len", cfg.max_position_embeddings)
+    text = TextEncoder(load_checkpoint_tokenizer(directory), max_len)
+    model.eval()
+    return Teacher(model, task, labels, spec, text, meta.get("data", data))
+
+
+def student_from_teacher(teacher: Teacher, text_layers: int | None = None) -> DualEncoderStudent:
+    """A student whose two towers both start from the teacher's ViLT weights (as the official code).
+
+    With `text_layers` smaller than the teacher's depth, the text tower keeps the teacher's first
+    layers and its last layer (so the distilled last-layer attention starts from the teacher's).
+    """
+    c = teacher.config
+    depth = c.num_hidden_layers
+    cfg = StudentConfig(
+        task=teacher.task,
+        num_labels=len(teacher.labels),
+        vocab_size=c.vocab_size,
+        max_text_len=teacher.text.max_len,
+        image_size=c.image_size,
+        patch_size=c.patch_size,
+        hidden_size=c.hidden_size,
+        num_layers=depth,
+        text_layers=text_layers or depth,
+        num_heads=c.num_attention_heads,
+        intermediate_size=c.intermediate_size,
+        layer_norm_eps=c.layer_norm_eps,
+    )
+    student = DualEncoderStudent(cfg)
+    vilt = teacher.model.vilt
+    emb = vilt.embeddings
+    with torch.no_grad():
+        img, txt = student.image_tower, student.text_tower
+        img.patch_projection.load_state_dict(emb.patch_embeddings.projection.state_dict())
+        img.cls_token.copy_(emb.cls_token)
+        img.position_embeddings.copy_(emb.position_embeddings)
+        img.modality_embedding.copy_(emb.token_type_embeddings.weight[1])
+        te = emb.text_embeddings
+        txt.word_embeddings.load_state_dict(te.word_embeddings.state_dict())
+        txt.position_embeddings.weight.copy_(te.position_embeddings.weight[: cfg.max_text_len])
+        txt.token_type_embeddings.load_state_dict(te.token_type_embeddings.state_dict())
+        txt.embed_norm.load_state_dict(te.LayerNorm.state_dict())
+        txt.modality_embedding.copy_(emb.token_type_embeddings.weight[0])
+        text_source = [*range(cfg.text_layers - 1), depth - 1]
+        for tower, sources in ((img.encoder, range(depth)), (txt.encoder, text_source)):
+            for dst, src in zip(tower.layers, sources, strict=True):
+                _copy_layer(dst, vilt.encoder.layer[src])
+            tower.layernorm.load_state_dict(vilt.layernorm.state_dict())
+            tower.pooler.load_state_dict(vilt.pooler.dense.state_dict())
+    return student
+
+
+def _copy_layer(dst: nn.Module, src: nn.Module) -> None:
+    a = src.attention
+    dst.layernorm_before.load_state_dict(src.layernorm_before.state_dict())
+    dst.layernorm_after.load_state_dict(src.layernorm_after.state_dict())
+    dst.attention.query.load_state_dict(a.attention.query.state_dict())
+    dst.attention.key.load_state_dict(a.attention.key.state_dict())
+    dst.attention.value.load_state_dict(a.attention.value.state_dict())
+    dst.attention.output.load_state_dict(a.output.dense.state_dict())
+    dst.intermediate.load_state_dict(src.intermediate.dense.state_dict())
+    dst.output.load_state_dict(src.output.dense.state_dict())

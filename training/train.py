@@ -1,0 +1,551 @@
+"""`dide-train`: teacher fine-tuning, DiDE distillation and evaluation, one loop, torchrun-ready.
+
+dide-train teacher --task vqa --data easy-vqa --size small --out runs/teacher
+dide-train distill --task vqa --data easy-vqa --teacher runs/teacher --out runs/student
+dide-train eval --model runs/student
+torchrun --nproc_per_node 2 -m training.train distill ...   (DistributedDataParallel; gloo on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from training import losses
+from training.data import load_data
+from training.examples import TASKS, Example, TaskData, images_of, target_of, text_of
+from training.student import DualEncoderStudent, atomic_directory, load_student, read_config, save_student
+from training.teacher import MAX_TEXT_LEN, SIZES, Teacher, build_teacher, load_teacher, student_from_teacher
+from training.tokenizer import train_wordpiece
+
+log = logging.getLogger(__name__)
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+
+class ExampleDataset(Dataset):
+    """Examples as tensors: token ids and mask (pre-tokenised), pixels (decoded once), target scores."""
+
+    def __init__(
+        self,
+        data: TaskData,
+        split: str,
+        labels: list[str],
+        text,
+        image_spec,
+        augment: str = "none",
+        blind: str | None = None,
+    ) -> None:
+        from export.preprocess import decode_rgb
+
+        self.examples: list[Example] = getattr(data, split)
+        self.spec, self.augment, self.blind = image_spec, augment, blind
+        self.ids, self.mask = (torch.from_numpy(a) for a in text([text_of(e) for e in self.examples]))
+        if blind == "text":  # text-only baseline's mirror: every text becomes "[CLS] [SEP]"
+            self.ids[:, 1], self.ids[:, 2:], self.mask[:, 2:] = text.tokenizer.token_to_id("[SEP]"), text.pad_id, 0
+        self.targets = torch.tensor([target_of(e, labels) for e in self.examples])
+        paths = sorted({p for e in self.examples for p in images_of(e)})
+        self.image_index = {p: i for i, p in enumerate(paths)}
+        rgb = []
+        for p in tqdm(paths, desc=f"decode {split} images", disable=not is_main() or len(paths) < 2000):
+            try:
+                rgb.append(decode_rgb(Path(p).read_bytes(), image_spec))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{p}: {e}") from None
+        self.rgb = torch.from_numpy(np.stack(rgb))  # (I, H, W, 3) uint8, shared by examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def pixels(self, path) -> Tensor:
+        x = self.rgb[self.image_index[path]].permute(2, 0, 1).float() / 255.0  # (3, H, W)
+        if self.augment != "none":
+            x = augment_image(x, hflip=self.augment == "flip")
+        mean = torch.tensor(self.spec.mean)[:, None, None]
+        std = torch.tensor(self.spec.std)[:, None, None]
+        x = (x - mean) / std
+        return torch.zeros_like(x) if self.blind == "image" else x
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        images = images_of(self.examples[i])
+        item = {"input_ids": self.ids[i], "attention_mask": self.mask[i], "target": self.targets[i]}
+        item["pixels"] = self.pixels(images[0])
+        if len(images) == 2:
+            item["pixels2"] = self.pixels(images[1])
+        return item
+
+
+def augment_image(x: Tensor, hflip: bool) -> Tensor:
+    """Label-preserving augmentation: a small translation with edge padding, optionally a mirror flip.
+
+    Flips only where no text mentions left/right (easy-VQA); never on the scenes' spatial tasks.
+    """
+    if hflip and random.random() < 0.5:
+        x = x.flip(-1)
+    H = x.shape[-1]
+    shift = max(1, H // 16)
+    dy, dx = random.randint(-shift, shift), random.randint(-shift, shift)
+    x = torch.nn.functional.pad(x[None], (shift, shift, shift, shift), mode="replicate")[0]
+    return x[:, shift + dy : shift + dy + H, shift + dx : shift + dx + H]
+
+
+# --- distributed -------------------------------------------------------------------------------------
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def setup_distributed() -> torch.device:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossWeights:
+    gt: float = 0.0
+    pred: float = 1.0
+    attn: float = 1.0
+    t2i: bool = True
+    i2t: bool = True
+
+
+def gt_loss(task: str, logits: Tensor, target: Tensor, label_smoothing: float) -> Tensor:
+    if task == "vqa":
+        return losses.vqa_gt_loss(logits, target)
+    return losses.ce_gt_loss(logits, target, label_smoothing)
+
+
+def pred_kd_loss(task: str, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    if task == "vqa":
+        return losses.vqa_kd_loss(student_logits, teacher_logits)
+    return losses.softmax_kd_loss(student_logits, teacher_logits)
+
+
+class StudentTrainingView(nn.Module):
+    """The student's training forward: logits plus each tower's output (with last-layer q/k when asked).
+
+    It is what DistributedDataParallel wraps, so gradient sync sees the whole forward.
+    """
+
+    def __init__(self, student: DualEncoderStudent) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, ids: Tensor, mask: Tensor, pixels: Tensor, pixels2: Tensor | None, keep_qk: bool):
+        text = self.student.text_tower(ids, mask, keep_qk=keep_qk)
+        images = [self.student.image_tower(p, keep_qk=keep_qk) for p in (pixels, pixels2) if p is not None]
+        logits = self.student.head(text.pooled, images[0].pooled, images[1].pooled if len(images) == 2 else None)
+        return logits, text, images
+
+
+def distill_step(
+    view: nn.Module, teacher: Teacher, batch: dict[str, Tensor], task: str, w: LossWeights, ls: float
+) -> tuple[Tensor, dict[str, float]]:
+    """One DiDE step: the frozen teacher's logits and last-layer q/k, the student's towers and head."""
+    ids, mask, pixels, pixels2 = batch["input_ids"], batch["attention_mask"], batch["pixels"], batch.get("pixels2")
+    need_attn = w.attn > 0 and (w.t2i or w.i2t)
+    parts: dict[str, Tensor] = {}
+    if w.pred > 0 or need_attn:
+        with torch.no_grad():
+            t_out = teacher.forward(ids, mask, pixels, pixels2, keep_qk=need_attn)
+    logits, text, images = view(ids, mask, pixels, pixels2, need_attn)
+    if w.gt > 0:
+        parts["gt"] = w.gt * gt_loss(task, logits, batch["target"], ls)
+    if w.pred > 0:
+        parts["pred"] = w.pred * pred_kd_loss(task, logits, t_out.logits)
+    if need_attn:
+        attn = sum(
+            losses.cross_modal_attention_loss(
+                t_qk, (text.query, text.key), (img.query, img.key), mask, t2i=w.t2i, i2t=w.i2t
+            )
+            for t_qk, img in zip(t_out.qk, images, strict=True)
+        )
+        parts["attn"] = w.attn * attn
+    total = sum(parts.values())
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def teacher_step(teacher: nn.Module, wrapper: Teacher, batch: dict[str, Tensor], ls: float):
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixels"]
+    if wrapper.task == "reasoning":
+        logits = teacher(
+            input_ids=ids, attention_mask=mask, pixel_values=torch.stack([pixels, batch["pixels2"]], dim=1)
+        ).logits
+    else:
+        logits = teacher(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    loss = gt_loss(wrapper.task, logits, batch["target"], ls)
+    return loss, {"gt": float(loss.detach())}
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float):
+    """AdamW groups: no decay on biases/norms/embeddings-like 1-D params; heads at lr x head_lr_mult."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = "classifier" in name.split(".")[:2]  # HF teachers' and the student's task heads
+        no_decay = p.ndim < 2 or "norm" in name.lower() or "embedding" in name.split(".")[-1]
+        groups.setdefault((is_head, no_decay), []).append(p)
+    return [
+        {"params": ps, "lr": lr * (head_lr_mult if head else 1.0), "weight_decay": 0.0 if nd else weight_decay}
+        for (head, nd), ps in groups.items()
+    ]
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def save_resume(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, step: int) -> None:
+    """Model + optimizer state for resuming; written to a temp dir and renamed (never half-written)."""
+    model = getattr(model, "module", model)
+
+    def write(tmp: Path) -> None:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors")
+        )
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "step": step}))
+
+    atomic_directory(path, write)
+
+
+def load_resume(path: Path, model: nn.Module, optimizer, scheduler) -> tuple[int, int]:
+    model = getattr(model, "module", model)
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    opt = torch.load(path / "optim.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    state = json.loads((path / "state.json").read_text())
+    return state["epoch"], state["step"]
+
+
+def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_fn) -> None:
+    """The one loop: AdamW, warm-up + linear decay, DDP, progress, periodic resumable checkpoints."""
+    device = setup_distributed()
+    model.to(device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
+    loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.workers,
+        drop_last=True,
+        persistent_workers=args.workers > 0,
+    )
+    steps_per_epoch = len(loader)
+    total = steps_per_epoch * args.epochs
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.lr, args.weight_decay, args.head_lr_mult), lr=args.lr, betas=(0.9, 0.98), eps=1e-8
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(int(total * args.warmup), total))
+    resume_dir = Path(args.out).with_name(Path(args.out).name + ".resume")
+    epoch0, step = 0, 0
+    if resume_dir.is_dir() and not args.restart:
+        epoch0, step = load_resume(resume_dir, model, optimizer, scheduler)
+        if is_main():
+            log.info("resuming from %s at epoch %d, step %d", resume_dir, epoch0, step)
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    t0 = time.time()
+    for epoch in range(epoch0, args.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        ddp.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main(), leave=False)
+        for batch in bar:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, parts = step_fn(ddp, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}: {parts}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+            if is_main() and step % args.log_every == 0:
+                detail = " ".join(f"{k}={v:.4f}" for k, v in parts.items())
+                log.info(
+                    "step %d/%d epoch %d loss %.4f %s lr %.2e %.1fs",
+                    step,
+                    total,
+                    epoch + 1,
+                    float(loss),
+                    detail,
+                    scheduler.get_last_lr()[0],
+                    time.time() - t0,
+                )
+        if is_main():
+            save_resume(resume_dir, model, optimizer, scheduler, epoch + 1, step)
+            if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
+                save_fn()
+                log.info("epoch %d: %s", epoch + 1, json.dumps(evaluate_dir(args.out, limit=args.eval_limit)))
+        if dist.is_initialized():
+            dist.barrier()
+    if is_main():
+        save_fn()
+        import shutil
+
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        log.info("trained %d steps in %.1fs; saved %s", step, time.time() - t0, args.out)
+
+
+# --- subcommands -------------------------------------------------------------------------------------
+
+
+def cmd_teacher(args) -> int:
+    spec = args.data or "easy-vqa"
+    data = load_data(spec, args.task)
+    if args.init:
+        teacher = load_teacher(args.init, args.task, data=spec)
+    else:
+        texts = [text_of(e) for e in data.train]
+        tokenizer = train_wordpiece(texts, args.vocab_size)
+        # Pad to the longest training text (a multiple of 4), so no statement is cut and none pays for 40.
+        longest = max(len(e.ids) for e in tokenizer.encode_batch(texts))
+        max_len = min(MAX_TEXT_LEN, -(-longest // 4) * 4)
+        teacher = build_teacher(args.size, args.task, data.labels, tokenizer, spec, args.dropout, max_len)
+    train_set = ExampleDataset(data, "train", teacher.labels, teacher.text, teacher.image_spec, args.augment)
+    model = teacher.model
+    log.info(
+        "teacher: %s, %.2fM parameters, %d train examples",
+        type(model).__name__,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        len(train_set),
+    )
+
+    def step_fn(m, batch):
+        return teacher_step(m, teacher, batch, args.label_smoothing)
+
+    train_loop(args, model, step_fn, train_set, lambda: teacher.save(args.out))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    teacher = load_teacher(args.teacher, args.task, data=args.data)
+    if teacher.task != args.task:
+        raise ValueError(f"--teacher {args.teacher} is a {teacher.task} teacher, not {args.task}")
+    data = load_data(args.data or teacher.data, args.task)
+    teacher.model.requires_grad_(False).eval()
+    if args.init == "teacher":
+        student = student_from_teacher(teacher, args.text_layers)
+    elif args.init == "scratch":
+        student = DualEncoderStudent(student_from_teacher(teacher, args.text_layers).config)
+    else:
+        student = load_student(args.init).model.train()
+    w = LossWeights(gt=args.w_gt, pred=args.w_pred, attn=args.w_attn, t2i=not args.no_t2i, i2t=not args.no_i2t)
+    train_set = ExampleDataset(
+        data, "train", teacher.labels, teacher.text, teacher.image_spec, args.augment, blind=args.blind
+    )
+    log.info(
+        "student: %.2fM parameters, weights %s, %d train examples",
+        sum(p.numel() for p in student.parameters()) / 1e6,
+        w,
+        len(train_set),
+    )
+    device = setup_distributed()
+    teacher.model.to(device)
+
+    def step_fn(m, batch):
+        return distill_step(m, teacher, batch, args.task, w, args.label_smoothing)
+
+    def save() -> None:
+        save_student(
+            student,
+            args.out,
+            labels=teacher.labels,
+            tokenizer=teacher.text.tokenizer,
+            image_spec=teacher.image_spec,
+            data=args.data or teacher.data,
+            extra={"blind": args.blind, "loss_weights": vars(w), "teacher": str(args.teacher)},
+        )
+
+    train_loop(args, StudentTrainingView(student), step_fn, train_set, save)
+    return 0
+
+
+@torch.no_grad()
+def evaluate_dir(
+    model_dir: str | Path,
+    data_spec: str | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    batch_size: int = 256,
+) -> dict:
+    """Accuracy (and VQA score for VQAv2) of a teacher or student directory on a split."""
+    meta = read_config(model_dir) if (Path(model_dir) / "config.json").is_file() else {}
+    if meta.get("kind") == "student":
+        loaded = load_student(model_dir)
+        model, labels, spec, text, task = (
+            loaded.model,
+            loaded.labels,
+            loaded.image_spec,
+            loaded.text,
+            loaded.model.config.task,
+        )
+        spec_str, blind = data_spec or loaded.data, meta.get("blind")
+
+        def forward(b):
+            return model(b["input_ids"], b["attention_mask"], b["pixels"], b.get("pixels2"))
+    else:
+        teacher = load_teacher(model_dir)
+        labels, spec, text, task = teacher.labels, teacher.image_spec, teacher.text, teacher.task
+        spec_str, blind = data_spec or teacher.data, None
+
+        def forward(b):
+            return teacher.forward(b["input_ids"], b["attention_mask"], b["pixels"], b.get("pixels2")).logits
+
+    data = load_data(spec_str, task)
+    if limit:
+        setattr(data, split, getattr(data, split)[:limit])
+    ds = ExampleDataset(data, split, labels, text, spec, blind=blind)
+    correct, score, n = 0.0, 0.0, 0
+    for batch in DataLoader(ds, batch_size=batch_size):
+        pred = forward(batch).argmax(-1)
+        got = batch["target"].gather(1, pred[:, None])[:, 0]
+        correct += float((got >= 1.0 - 1e-6).sum()) if task != "vqa" else float((got > 0).sum())
+        score += float(got.sum())
+        n += len(pred)
+    result = {"accuracy": correct / max(n, 1), "n": n, "task": task, "data": spec_str, "split": split}
+    if spec_str.startswith("vqav2"):
+        result["vqa_score"] = score / max(n, 1)
+    return result
+
+
+def cmd_eval(args) -> int:
+    result = evaluate_dir(args.model, args.data, args.split, args.limit)
+    print(json.dumps(result))
+    return 0
+
+
+# --- CLI ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dide-train", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, train: bool = True) -> None:
+        sp.add_argument("--task", choices=TASKS, required=train, help="vqa, entailment or reasoning")
+        sp.add_argument(
+            "--data",
+            default=None,
+            help="easy-vqa, scenes[:train=N,test=N,seed=S], vqav2:DIR, snli-ve:DIR or nlvr2:DIR "
+            "(default: teacher easy-vqa; distill and eval: the data the model was trained on)",
+        )
+        if not train:
+            return
+        sp.add_argument("--out", required=True, help="output directory for the trained model")
+        sp.add_argument("--epochs", type=int, default=10, help="passes over the training set")
+        sp.add_argument("--batch-size", type=int, default=64, help="batch size per process")
+        sp.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+        sp.add_argument("--head-lr-mult", type=float, default=10.0, help="learning-rate multiplier for the heads")
+        sp.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+        sp.add_argument("--warmup", type=float, default=0.1, help="warm-up as a fraction of all steps")
+        sp.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+        sp.add_argument("--label-smoothing", type=float, default=0.0, help="for the cross-entropy GT loss")
+        sp.add_argument(
+            "--augment",
+            choices=("none", "shift", "flip"),
+            default="shift",
+            help="training-image augmentation: none, small shifts, or shifts + mirror flips",
+        )
+        sp.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+        sp.add_argument("--seed", type=int, default=0, help="random seed")
+        sp.add_argument("--log-every", type=int, default=50, help="log a line every N steps")
+        sp.add_argument("--eval-every", type=int, default=0, help="evaluate on the test split every N epochs")
+        sp.add_argument("--eval-limit", type=int, default=2000, help="examples for the periodic evaluation")
+        sp.add_argument("--restart", action="store_true", help="ignore an interrupted run's resume state")
+        sp.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
+
+    t = sub.add_parser("teacher", help="fine-tune a ViLT teacher with the ground-truth loss")
+    common(t)
+    t.add_argument("--size", choices=sorted(SIZES), default="small", help="from-scratch teacher size")
+    t.add_argument("--init", default=None, help="start from a HF ViLT checkpoint directory instead")
+    t.add_argument("--vocab-size", type=int, default=1000, help="WordPiece vocabulary for from-scratch models")
+    t.add_argument("--dropout", type=float, default=0.1, help="dropout of a from-scratch teacher")
+
+    d = sub.add_parser("distill", help="DiDE: distil a teacher into a dual-encoder student")
+    common(d)
+    d.add_argument("--teacher", required=True, help="a `dide-train teacher` output or a HF ViLT checkpoint dir")
+    d.add_argument(
+        "--init",
+        default="teacher",
+        help="student initialisation: teacher (its weights), scratch, or a student directory",
+    )
+    d.add_argument("--text-layers", type=int, default=None, help="a shallower text tower (default: teacher depth)")
+    d.add_argument("--w-gt", type=float, default=0.0, help="weight of the ground-truth loss (official: 0)")
+    d.add_argument("--w-pred", type=float, default=1.0, help="weight of prediction distillation")
+    d.add_argument("--w-attn", type=float, default=1.0, help="weight of cross-modal attention distillation")
+    d.add_argument("--no-t2i", action="store_true", help="drop the text-to-image attention term")
+    d.add_argument("--no-i2t", action="store_true", help="drop the image-to-text attention term")
+    d.add_argument(
+        "--blind",
+        choices=("image", "text"),
+        default=None,
+        help="baseline: blank the image (text-only) or the text (image-only)",
+    )
+
+    e = sub.add_parser("eval", help="accuracy of a teacher or student on a split; prints one JSON object")
+    common(e, train=False)
+    e.add_argument("--model", required=True, help="a teacher or student directory")
+    e.add_argument("--split", choices=("train", "test"), default="test", help="which split")
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    if hasattr(args, "seed"):
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+    try:
+        return {"teacher": cmd_teacher, "distill": cmd_distill, "eval": cmd_eval}[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
