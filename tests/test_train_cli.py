@@ -1,6 +1,7 @@
 """`dide-train` end to end through main([...]): teacher, distill, eval, resume, HF checkpoints, torchrun."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -68,7 +69,7 @@ def test_ablation_flags_run(vqa_teacher, tmp_path, flags):
     assert json.loads((out / "config.json").read_text())["loss_weights"]["i2t"] == ("--no-i2t" not in flags)
 
 
-def test_resume_after_interruption(vqa_teacher, tmp_path, capsys, monkeypatch):
+def test_resume_after_interruption(vqa_teacher, tmp_path, caplog, monkeypatch):
     out = tmp_path / "s"
     argv = ["distill", "--task", "vqa", "--teacher", str(vqa_teacher), "--out", str(out), *FAST]
     argv[argv.index("--epochs") + 1] = "2"
@@ -82,9 +83,9 @@ def test_resume_after_interruption(vqa_teacher, tmp_path, capsys, monkeypatch):
     resume = tmp_path / "s.resume"
     state = json.loads((resume / "state.json").read_text())
     assert state["epoch"] == 1 and state["step"] > 0
-    capsys.readouterr()
-    assert main(argv) == 0
-    assert f"resuming from {resume} at epoch 1, step {state['step']}" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        assert main(argv) == 0
+    assert f"resuming from {resume} at epoch 1, step {state['step']}" in caplog.text
     assert not resume.exists()
     assert load_student(out).model.config.task == "vqa"
 
@@ -93,7 +94,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert main(["teacher", "--task", "entailment", "--data", "easy-vqa", "--out", str(tmp_path / "t")]) == 2
     assert "easy-vqa" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "missing")]) == 2
-    assert "not found" in capsys.readouterr().err
+    assert str(tmp_path / "missing") in capsys.readouterr().err
 
 
 def save_hf_tokenizer(directory: Path) -> None:

@@ -296,7 +296,7 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
             optimizer.step()
             scheduler.step()
             step += 1
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}")
             if is_main() and step % args.log_every == 0:
                 detail = " ".join(f"{k}={v:.4f}" for k, v in parts.items())
                 log.info(
@@ -304,7 +304,7 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
                     step,
                     total,
                     epoch + 1,
-                    float(loss),
+                    loss.item(),
                     detail,
                     scheduler.get_last_lr()[0],
                     time.time() - t0,
@@ -327,9 +327,16 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
 # --- subcommands -------------------------------------------------------------------------------------
 
 
+def limit_train(data: TaskData, n: int | None, seed: int) -> TaskData:
+    """Keep a seeded random subset of n training examples (for quick runs such as the demo)."""
+    if n and n < len(data.train):
+        data.train = random.Random(seed).sample(data.train, n)
+    return data
+
+
 def cmd_teacher(args) -> int:
     spec = args.data or "easy-vqa"
-    data = load_data(spec, args.task)
+    data = limit_train(load_data(spec, args.task), args.max_train, args.seed)
     if args.init:
         teacher = load_teacher(args.init, args.task, data=spec)
     else:
@@ -359,7 +366,7 @@ def cmd_distill(args) -> int:
     teacher = load_teacher(args.teacher, args.task, data=args.data)
     if teacher.task != args.task:
         raise ValueError(f"--teacher {args.teacher} is a {teacher.task} teacher, not {args.task}")
-    data = load_data(args.data or teacher.data, args.task)
+    data = limit_train(load_data(args.data or teacher.data, args.task), args.max_train, args.seed)
     teacher.model.requires_grad_(False).eval()
     if args.init == "teacher":
         student = student_from_teacher(teacher, args.text_layers)
@@ -471,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
             return
         sp.add_argument("--out", required=True, help="output directory for the trained model")
         sp.add_argument("--epochs", type=int, default=10, help="passes over the training set")
+        sp.add_argument("--max-train", type=int, default=None, help="train on a seeded random subset of N examples")
         sp.add_argument("--batch-size", type=int, default=64, help="batch size per process")
         sp.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
         sp.add_argument("--head-lr-mult", type=float, default=10.0, help="learning-rate multiplier for the heads")
@@ -539,8 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
     try:
         return {"teacher": cmd_teacher, "distill": cmd_distill, "eval": cmd_eval}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
-        log.error("%s", e)
+    except (ValueError, OSError) as e:  # bad flags, data or checkpoints: a message, not a traceback
+        print(f"dide-train: error: {e}", file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

@@ -1,0 +1,205 @@
+"""Accuracy and the paper's ablation: teacher vs dual-encoder students trained with each loss, per task.
+
+    python -m bench.accuracy --size mini --teacher-epochs 3 --student-epochs 2 --readme README.md
+
+Runs `dide-train teacher`, then `dide-train distill` once per variant (same teacher, same init), then
+`dide-train eval` on the test split; writes bench/results/accuracy.json and accuracy.md, and with
+--readme replaces the README's accuracy table. Finished runs are kept and reused (delete --work to redo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DATASETS = {
+    "easy-vqa": ("vqa", "easy-vqa", ["--augment", "flip"]),
+    "scenes-vqa": ("vqa", "scenes", []),
+    "scenes-entailment": ("entailment", "scenes", []),
+    "scenes-reasoning": ("reasoning", "scenes", []),
+}
+VARIANTS = {
+    "gt-only": ["--w-gt", "1", "--w-pred", "0", "--w-attn", "0"],
+    "pred-kd": ["--w-attn", "0"],
+    "dide": [],
+    "dide-t2i": ["--no-i2t"],
+    "dide-i2t": ["--no-t2i"],
+    "text-only": ["--w-gt", "1", "--w-pred", "0", "--w-attn", "0", "--blind", "image"],
+    "image-only": ["--w-gt", "1", "--w-pred", "0", "--w-attn", "0", "--blind", "text"],
+}
+COLUMNS = {
+    "teacher": "teacher",
+    "gt-only": "student GT-only",
+    "pred-kd": "student prediction-KD",
+    "dide": "DiDE (pred + attn KD)",
+    "dide-t2i": "attn KD t→i only",
+    "dide-i2t": "attn KD i→t only",
+    "text-only": "text-only",
+    "image-only": "image-only",
+}
+START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+
+
+def run(argv: list[str]) -> float:
+    t0 = time.time()
+    log.info("$ dide-train %s", " ".join(argv))
+    subprocess.run([sys.executable, "-m", "training.train", *argv], check=True)
+    return time.time() - t0
+
+
+def evaluate(model: Path) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "training.train", "eval", "--model", str(model)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_dataset(name: str, args, work: Path) -> dict:
+    task, data, teacher_flags = DATASETS[name]
+    common = ["--batch-size", str(args.batch_size), "--threads", str(args.threads), "--log-every", "200"]
+    if args.max_train:
+        common += ["--max-train", str(args.max_train)]
+    rows: dict = {"task": task, "data": data, "runs": {}}
+    for seed in range(args.seeds):
+        d = work / name / f"seed{seed}"
+        teacher = d / "teacher"
+        t_argv = ["teacher", "--task", task, "--data", data, "--size", args.size, "--out", str(teacher),
+                  "--epochs", str(args.teacher_epochs), "--seed", str(seed), *common, *teacher_flags]  # fmt: skip
+        seconds = run(t_argv) if not teacher.exists() else None
+        rows["runs"].setdefault("teacher", []).append(
+            {"seed": seed, **evaluate(teacher), "train_seconds": seconds, "command": "dide-train " + " ".join(t_argv)}
+        )
+        for variant in args.variants:
+            out = d / variant
+            s_argv = ["distill", "--task", task, "--teacher", str(teacher), "--out", str(out),
+                      "--epochs", str(args.student_epochs), "--seed", str(seed),
+                      *common, *VARIANTS[variant]]  # fmt: skip
+            seconds = run(s_argv) if not out.exists() else None
+            result = {
+                "seed": seed,
+                **evaluate(out),
+                "train_seconds": seconds,
+                "command": "dide-train " + " ".join(s_argv),
+            }
+            rows["runs"].setdefault(variant, []).append(result)
+            log.info("%s %s seed %d: accuracy %.4f", name, variant, seed, result["accuracy"])
+    for col, runs in rows["runs"].items():
+        accs = [r["accuracy"] for r in runs]
+        rows.setdefault("summary", {})[col] = {
+            "mean": sum(accs) / len(accs),
+            "min": min(accs),
+            "max": max(accs),
+            "n_seeds": len(accs),
+        }
+    return rows
+
+
+def markdown(report: dict) -> str:
+    cols = ["teacher", *report["variants"]]
+    lines = [
+        f"Test accuracy, size `{report['size']}`, teacher {report['teacher_epochs']} epochs, students "
+        f"{report['student_epochs']} epochs, {report['max_train'] or 'all'} training examples per task, "
+        f"{report['seeds']} seed(s) (mean; [min, max] over seeds when > 1). "
+        f"Measured {report['date']} on {report['machine']['cpu']} ({report['machine']['cores']} cores); "
+        f"`{report['command']}`.",
+        "",
+        "| data | task | " + " | ".join(COLUMNS[c] for c in cols) + " |",
+        "|---|---|" + "---|" * len(cols),
+    ]
+    for name, rows in report["datasets"].items():
+        cells = []
+        for c in cols:
+            s = rows["summary"].get(c)
+            if s is None:
+                cells.append("–")
+            elif s["n_seeds"] > 1:
+                cells.append(f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]")
+            else:
+                cells.append(f"{s['mean']:.3f}")
+        lines.append(f"| {name} | {rows['task']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(path: Path, body: str) -> None:
+    text = path.read_text()
+    if START not in text or END not in text:
+        raise ValueError(f"{path} has no {START} ... {END} section to replace")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{START}\n{body}{END}{tail}")
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=list(DATASETS), help="which datasets")
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS), help="student variants")
+    p.add_argument("--size", default="mini", help="teacher size (see training/teacher.py SIZES)")
+    p.add_argument("--teacher-epochs", type=int, default=3, help="teacher training epochs")
+    p.add_argument("--student-epochs", type=int, default=2, help="student training epochs")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per configuration")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    p.add_argument("--max-train", type=int, default=None, help="train on a seeded subset of N examples per task")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--work", default="runs/accuracy", help="where models are trained and kept")
+    p.add_argument("--out", default="bench/results", help="where accuracy.json / accuracy.md go")
+    p.add_argument("--readme", default=None, help="README whose accuracy section is replaced")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+    import transformers
+
+    t0 = time.time()
+    report = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "command": "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "size": args.size,
+        "teacher_epochs": args.teacher_epochs,
+        "student_epochs": args.student_epochs,
+        "seeds": args.seeds,
+        "max_train": args.max_train,
+        "variants": args.variants,
+        "datasets": {},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.datasets:
+        report["datasets"][name] = run_dataset(name, args, Path(args.work))
+        report["wall_seconds"] = time.time() - t0
+        (out / "accuracy.json").write_text(json.dumps(report, indent=2))  # partial results survive a stop
+        (out / "accuracy.md").write_text(markdown(report))
+    if args.readme:
+        replace_section(Path(args.readme), markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
