@@ -49,11 +49,15 @@ COLUMNS = {
 START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 
 
-def run(argv: list[str]) -> float:
-    t0 = time.time()
-    log.info("$ dide-train %s", " ".join(argv))
-    subprocess.run([sys.executable, "-m", "training.train", *argv], check=True)
-    return time.time() - t0
+def train(argv: list[str], out: Path) -> float:
+    """Train unless `out` exists; the wall time is kept beside the model so a rerun reports it too."""
+    timing = out.with_name(out.name + ".seconds")
+    if not out.exists():
+        t0 = time.time()
+        log.info("$ dide-train %s", " ".join(argv))
+        subprocess.run([sys.executable, "-m", "training.train", *argv], check=True)
+        timing.write_text(f"{time.time() - t0:.1f}")
+    return float(timing.read_text()) if timing.exists() else float("nan")
 
 
 def evaluate(model: Path) -> dict:
@@ -77,7 +81,9 @@ def run_dataset(name: str, args, work: Path) -> dict:
         teacher = d / "teacher"
         t_argv = ["teacher", "--task", task, "--data", data, "--size", args.size, "--out", str(teacher),
                   "--epochs", str(args.teacher_epochs), "--seed", str(seed), *common, *teacher_flags]  # fmt: skip
-        seconds = run(t_argv) if not teacher.exists() else None
+        if args.collect and not teacher.exists():
+            continue
+        seconds = train(t_argv, teacher)
         rows["runs"].setdefault("teacher", []).append(
             {"seed": seed, **evaluate(teacher), "train_seconds": seconds, "command": "dide-train " + " ".join(t_argv)}
         )
@@ -86,7 +92,9 @@ def run_dataset(name: str, args, work: Path) -> dict:
             s_argv = ["distill", "--task", task, "--teacher", str(teacher), "--out", str(out),
                       "--epochs", str(args.student_epochs), "--seed", str(seed),
                       *common, *VARIANTS[variant]]  # fmt: skip
-            seconds = run(s_argv) if not out.exists() else None
+            if args.collect and not out.exists():
+                continue
+            seconds = train(s_argv, out)
             result = {
                 "seed": seed,
                 **evaluate(out),
@@ -165,9 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=1, help="seeds per configuration")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--max-train", type=int, default=None, help="train on a seeded subset of N examples per task")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (1 is robust on a busy machine)")
     p.add_argument("--work", default="runs/accuracy", help="where models are trained and kept")
     p.add_argument("--out", default="bench/results", help="where accuracy.json / accuracy.md go")
+    p.add_argument("--collect", action="store_true", help="train nothing: evaluate the models already in --work")
     p.add_argument("--readme", default=None, help="README whose accuracy section is replaced")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

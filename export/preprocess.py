@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tokenizers import Tokenizer
 
 
@@ -65,6 +65,8 @@ def decode_rgb(data: bytes, spec: ImageSpec) -> np.ndarray:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError(f"the image is too large to decode: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageError("the bytes are not a decodable image (no PNG, JPEG, GIF, WebP, BMP or TIFF header)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"the bytes are not a decodable image: {e}") from None
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

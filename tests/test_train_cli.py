@@ -83,6 +83,8 @@ def test_resume_after_interruption(vqa_teacher, tmp_path, caplog, monkeypatch):
     resume = tmp_path / "s.resume"
     state = json.loads((resume / "state.json").read_text())
     assert state["epoch"] == 1 and state["step"] > 0
+    changed = [*argv, "--batch-size", "4"]
+    assert main(changed) == 2  # other settings: refused, not silently mixed
     with caplog.at_level(logging.INFO, logger="training.train"):
         assert main(argv) == 0
     assert f"resuming from {resume} at epoch 1, step {state['step']}" in caplog.text

@@ -227,7 +227,15 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def save_resume(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, step: int) -> None:
+# The flags that must match for an interrupted run's state to be resumed.
+RESUME_KEYS = ("command", "task", "data", "epochs", "batch_size", "max_train", "lr", "seed", "teacher", "size")
+
+
+def run_fingerprint(args) -> dict:
+    return {k: getattr(args, k, None) for k in RESUME_KEYS}
+
+
+def save_resume(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, step: int, run: dict) -> None:
     """Model + optimizer state for resuming; written to a temp dir and renamed (never half-written)."""
     model = getattr(model, "module", model)
 
@@ -236,18 +244,24 @@ def save_resume(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, 
             {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors")
         )
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "step": step}))
+        (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "step": step, "run": run}))
 
     atomic_directory(path, write)
 
 
-def load_resume(path: Path, model: nn.Module, optimizer, scheduler) -> tuple[int, int]:
+def load_resume(path: Path, model: nn.Module, optimizer, scheduler, run: dict) -> tuple[int, int]:
+    state = json.loads((path / "state.json").read_text())
+    if state.get("run") != run:
+        changed = sorted(k for k in run if state.get("run", {}).get(k) != run[k])
+        raise ValueError(
+            f"{path} holds an interrupted run with other settings ({', '.join(changed)}): "
+            "rerun with the same flags to resume, or pass --restart to start over"
+        )
     model = getattr(model, "module", model)
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     opt = torch.load(path / "optim.pt", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    state = json.loads((path / "state.json").read_text())
     return state["epoch"], state["step"]
 
 
@@ -275,7 +289,7 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
     resume_dir = Path(args.out).with_name(Path(args.out).name + ".resume")
     epoch0, step = 0, 0
     if resume_dir.is_dir() and not args.restart:
-        epoch0, step = load_resume(resume_dir, model, optimizer, scheduler)
+        epoch0, step = load_resume(resume_dir, model, optimizer, scheduler, run_fingerprint(args))
         if is_main():
             log.info("resuming from %s at epoch %d, step %d", resume_dir, epoch0, step)
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
@@ -310,7 +324,7 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
                     time.time() - t0,
                 )
         if is_main():
-            save_resume(resume_dir, model, optimizer, scheduler, epoch + 1, step)
+            save_resume(resume_dir, model, optimizer, scheduler, epoch + 1, step, run_fingerprint(args))
             if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
                 save_fn()
                 log.info("epoch %d: %s", epoch + 1, json.dumps(evaluate_dir(args.out, limit=args.eval_limit)))
