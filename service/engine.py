@@ -1,0 +1,463 @@
+"""The loaded bundles and embedding stores, and the inference pipeline the routes call."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.preprocess import ImageError
+from export.runtime import Bundle
+from export.store import EmbeddingStore, StoreLocked, is_sha256
+from service.batcher import MicroBatcher, Overloaded
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The service never waits long for the store's write lock: a build holding it sends vectors to the overlay.
+STORE_LOCK_TIMEOUT_S = 0.05
+FLUSH_INTERVAL_S = 0.5
+
+
+class ImageNotFound(LookupError):
+    """An image id that no loaded store (nor the in-memory overlay) knows: a 404."""
+
+
+class TaskNotLoaded(LookupError):
+    """The service was started without a bundle for this task: a 404."""
+
+
+class NameTaken(ValueError):
+    """A user id that already names other content: a 409."""
+
+
+@dataclass(frozen=True)
+class ImageVector:
+    sha256: str
+    vector: np.ndarray  # (D,) float32
+    cached: bool  # found in the store or overlay (False: encoded for this request)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One request's input to the text tower and head."""
+
+    text: str
+    images: tuple[np.ndarray, ...]  # one (D,) vector, two for reasoning
+
+
+class TextCache:
+    """A thread-safe LRU of text -> text embedding (D,)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> np.ndarray | None:
+        with self._lock:
+            vec = self._items.get(text)
+            if vec is not None:
+                self._items.move_to_end(text)
+            return vec
+
+    def put(self, text: str, vec: np.ndarray) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._items[text] = vec
+            self._items.move_to_end(text)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+class Space:
+    """One image-embedding space (model_id): its store, the image tower that fills it, and an overlay.
+
+    New vectors go to the in-memory overlay first and are committed to the store in the background
+    (one commit for many rows, off the request path). While a `dide-cache build` holds the store's write
+    lock they stay in the overlay, which is bounded (oldest dropped first: they can be encoded again).
+    """
+
+    def __init__(self, store: EmbeddingStore, encoder: Bundle, metrics: Metrics, overlay_max: int) -> None:
+        self.store = store
+        self.encoder = encoder
+        self.model_id = encoder.model_id
+        self.metrics = metrics
+        self.overlay_max = overlay_max
+        self._pending: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._names: dict[str, str] = {}  # user id -> sha256, for names still in the overlay
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._problem: str | None = None  # the last reason a commit failed, logged once
+        # While this process writes to (or re-reads) the store, the store's reader lock may be held for a
+        # whole commit (fsyncs included), so the event loop then looks ids up in a thread rather than inline.
+        self.writing = 0
+
+    @contextlib.contextmanager
+    def _write_window(self) -> Iterator[None]:
+        with self._lock:
+            self.writing += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.writing -= 1
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def lookup(self, key: str) -> tuple[str, np.ndarray] | None:
+        """A sha256 or user id -> (sha256, vector), from the overlay or the store; None if unknown."""
+        with self._lock:
+            sha = key if key in self._pending else self._names.get(key)
+            if sha is not None and sha in self._pending:
+                return sha, self._pending[sha]
+        vectors, found = self.store.get([key])
+        if not found[0]:
+            return None
+        sha = key if is_sha256(key) else self.store.resolve(key)
+        return (sha, vectors[0]) if sha is not None else None
+
+    def encode(self, data: bytes) -> ImageVector:
+        """Image bytes -> vector: from the store when their sha256 is known, else decoded and encoded now.
+
+        Runs in a worker thread; raises ImageError for bytes that are not a usable image.
+        """
+        sha = hashlib.sha256(data).hexdigest()
+        with self.metrics.stage("lookup"):
+            hit = self.lookup(sha)
+        if hit is not None:
+            self.metrics.hit("image")
+            return ImageVector(sha, hit[1], cached=True)
+        self.metrics.miss("image")
+        with self.metrics.stage("decode"):
+            try:
+                pixels = self.encoder.preprocess_images([data])
+            except ImageError:
+                raise
+            except Exception as e:  # image plugins raise many types on crafted files: all mean "unusable image"
+                log.warning("the image decoder raised %s on a %d-byte image", type(e).__name__, len(data))
+                raise ImageError(f"the image cannot be decoded ({type(e).__name__})") from None
+        with self.metrics.stage("image_encode"):
+            vector = self.encoder.encode_images(pixels)[0]
+        self._remember(sha, vector)
+        return ImageVector(sha, vector, cached=False)
+
+    def _remember(self, sha: str, vector: np.ndarray) -> None:
+        with self._lock:
+            self._pending[sha] = vector
+            self._pending.move_to_end(sha)
+            while len(self._pending) > self.overlay_max:
+                dropped, _ = self._pending.popitem(last=False)
+                self._names = {n: s for n, s in self._names.items() if s != dropped}
+                log.warning(
+                    "store %s: overlay full (%d), dropped a vector not yet committed", self.model_id, self.overlay_max
+                )
+
+    def name(self, name: str, sha: str) -> None:
+        """Map a user id to content in the overlay or store; NameTaken if it names other content."""
+        have = self._names.get(name) or self.store.resolve(name)
+        if have is not None and have != sha:
+            raise NameTaken(f"the name {name!r} already names another image (sha256 {have}); names are permanent")
+        if have is None:
+            with self._lock:
+                self._names[name] = sha
+
+    def flush(self) -> bool:
+        """Commit the overlay (and new names) to the store; whether it is now empty. Runs in a worker thread.
+
+        A store locked by a cache build, or one that cannot be written (disk full, read-only), keeps the
+        vectors in memory and is retried later; each distinct problem is logged once, not every round.
+        """
+        with self._flush_lock, self._write_window():
+            with self._lock:
+                pending = list(self._pending.items())
+                names = dict(self._names)
+            if not pending and not names:
+                return True
+            try:
+                if pending:
+                    self.store.add([sha for sha, _ in pending], np.stack([v for _, v in pending]))
+                if names:
+                    try:
+                        self.store.add_ids(list(names.items()))
+                    except ValueError as e:  # two uploads raced for one name: the first commit won
+                        log.warning("store %s: names not recorded: %s", self.model_id, e)
+            except StoreLocked:
+                self._report(f"locked for writing by {self.store.locked_by() or 'another process'}", len(pending))
+                return False
+            except OSError as e:
+                self._report(f"cannot be written: {e}", len(pending))
+                return False
+            self._problem = None
+            with self._lock:
+                for sha, _ in pending:
+                    self._pending.pop(sha, None)
+                for n in names:
+                    self._names.pop(n, None)
+                return not self._pending and not self._names
+
+    def _report(self, problem: str, n: int) -> None:
+        if problem != self._problem:
+            log.warning(
+                "store %s is %s: keeping %d new vectors in memory until it can be written", self.model_id, problem, n
+            )
+            self._problem = problem
+
+    def refresh(self) -> None:
+        """Pick up rows another process (a cache build) committed. Runs in a worker thread."""
+        with self._write_window():
+            self.store.refresh()
+
+
+class Model:
+    """One task's bundle, its space, its text-embedding cache and its micro-batcher."""
+
+    def __init__(
+        self, bundle: Bundle, space: Space, metrics: Metrics, settings: Settings, executor: ThreadPoolExecutor
+    ):
+        self.bundle = bundle
+        self.space = space
+        self.metrics = metrics
+        self.text_cache = TextCache(settings.text_cache_size)
+        self.batcher: MicroBatcher[Row, np.ndarray] = MicroBatcher(
+            self.run,
+            executor,
+            max_batch=settings.batch_max,
+            wait_s=settings.batch_wait_ms / 1000.0,
+            queue_max=settings.queue_max,
+            enabled=settings.batching,
+            depth_gauge=metrics.queue_depth,
+            name=f"{bundle.task} batcher",
+        )
+
+    def run(self, rows: list[Row]) -> list[np.ndarray]:
+        """Text tower (texts not in the cache, each once) and head over a batch: logits (C,) per row."""
+        texts: dict[str, np.ndarray] = {}
+        missing: list[str] = []
+        for row in rows:
+            if row.text in texts or row.text in missing:
+                continue
+            vec = self.text_cache.get(row.text)
+            if vec is None:
+                missing.append(row.text)
+            else:
+                texts[row.text] = vec
+        self.metrics.hit("text", len(texts))
+        self.metrics.miss("text", len(missing))
+        if missing:
+            with self.metrics.stage("tokenize"):
+                ids, mask = self.bundle.tokenize(missing)
+            with self.metrics.stage("text_encode"):
+                encoded = self.bundle.encode_tokens(ids, mask)
+            self.metrics.batch_size.labels(model="text").observe(len(missing))
+            for text, vec in zip(missing, encoded, strict=True):
+                texts[text] = vec
+                self.text_cache.put(text, vec)
+        text_emb = np.stack([texts[row.text] for row in rows])
+        images = [np.stack([row.images[i] for row in rows]) for i in range(len(rows[0].images))]
+        with self.metrics.stage("head"):
+            logits = self.bundle.head(text_emb, *images)
+        self.metrics.batch_size.labels(model="head").observe(len(rows))
+        return list(logits)
+
+
+class Engine:
+    """Everything the routes need: models per task, spaces per model_id, and the worker threads."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._executor: ThreadPoolExecutor | None = None
+        self._io: ThreadPoolExecutor | None = None  # store commits and refreshes, off the model threads
+        self.models: dict[str, Model] = {}
+        self.spaces: dict[str, Space] = {}
+        self.ready = False
+        self._encoding = 0  # image encodes queued or running, bounded by queue_max
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- life cycle ----------------------------------------------------------------------------------------
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            raise RuntimeError("the engine is not loaded")
+        return self._executor
+
+    @property
+    def io(self) -> ThreadPoolExecutor:
+        if self._io is None:
+            raise RuntimeError("the engine is not loaded")
+        return self._io
+
+    def load(self) -> None:
+        """Load and verify every bundle, open (or create) each model_id's store, warm every session."""
+        if not self.settings.bundles:
+            raise ValueError("no bundles to serve: set DIDE_BUNDLES to one or more bundle directories")
+        self._executor = ThreadPoolExecutor(self.settings.threads, thread_name_prefix="dide-worker")
+        self._io = ThreadPoolExecutor(2, thread_name_prefix="dide-store")
+        bundles: dict[str, Bundle] = {}
+        for directory in self.settings.bundles:
+            bundle = Bundle.load(Path(directory), self.settings.providers or None)
+            if bundle.task in bundles:
+                raise ValueError(
+                    f"two bundles for task {bundle.task!r} ({bundles[bundle.task].directory} and {directory}): "
+                    "DIDE_BUNDLES takes at most one per task"
+                )
+            bundles[bundle.task] = bundle
+        for task, bundle in bundles.items():
+            space = self.spaces.get(bundle.model_id)
+            if space is None:
+                store = EmbeddingStore.open(
+                    self.settings.store, bundle.model_id, bundle.dim, create=True, lock_timeout=STORE_LOCK_TIMEOUT_S
+                )
+                space = self.spaces[bundle.model_id] = Space(store, bundle, self.metrics, self.settings.overlay_max)
+                log.info("store %s: %d images cached at %s", bundle.model_id, len(store), store.directory)
+            self.models[task] = Model(bundle, space, self.metrics, self.settings, self.executor)
+        for task, model in self.models.items():
+            model.bundle.warmup()
+            model.run([Row("warm up", (np.zeros(model.bundle.dim, np.float32),) * (2 if task == "reasoning" else 1))])
+            log.info("%s: warm, provider %s", task, model.bundle.provider)
+
+    @property
+    def provider(self) -> str:
+        return next(iter(self.models.values())).bundle.provider if self.models else "none"
+
+    async def start(self) -> None:
+        for model in self.models.values():
+            model.batcher.start()
+        self._tasks.append(asyncio.create_task(self._flush_loop(), name="store flush"))
+        if self.settings.store_refresh_s > 0:
+            self._tasks.append(asyncio.create_task(self._refresh_loop(), name="store refresh"))
+        self.ready = True
+        self.metrics.ready.set(1)
+
+    async def stop(self) -> None:
+        self.ready = False
+        self.metrics.ready.set(0)
+        for model in self.models.values():
+            await model.batcher.stop()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        loop = asyncio.get_running_loop()
+        for space in self.spaces.values():
+            if not await loop.run_in_executor(self.io, space.flush):
+                log.warning("store %s: %d new vectors not committed at shutdown", space.model_id, space.pending)
+        self.executor.shutdown(wait=True)
+        self.io.shutdown(wait=True)
+        self._executor = self._io = None
+        self.models.clear()
+        self.spaces.clear()
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            for space in self.spaces.values():
+                if space.pending:
+                    try:
+                        await loop.run_in_executor(self.io, space.flush)
+                    except Exception:
+                        log.exception("store %s: committing new vectors failed", space.model_id)
+
+    async def _refresh_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.store_refresh_s)
+            for space in self.spaces.values():
+                try:
+                    await loop.run_in_executor(self.io, space.refresh)
+                except Exception:
+                    log.exception("store %s: refresh failed", space.model_id)
+
+    # --- requests ------------------------------------------------------------------------------------------
+
+    def model(self, task: str) -> Model:
+        model = self.models.get(task)
+        if model is None:
+            served = ", ".join(sorted(self.models)) or "none"
+            raise TaskNotLoaded(f"this service has no {task} model (tasks served: {served})")
+        return model
+
+    async def image(self, space: Space, ref: str | bytes) -> ImageVector:
+        """An image id (looked up) or image bytes (looked up by sha256, else encoded) -> its vector."""
+        if isinstance(ref, bytes):
+            return await self._in_pool_bounded(space.encode, ref)
+        with self.metrics.stage("lookup"):
+            hit = await self._lookup(space, ref)
+        if hit is None:
+            self.metrics.miss("image")
+            raise ImageNotFound(
+                f"no image {ref!r} in the {space.model_id} store: send the image bytes instead, or POST it to /images"
+            )
+        self.metrics.hit("image")
+        return ImageVector(hit[0], hit[1], cached=True)
+
+    async def predict(self, task: str, text: str, refs: Sequence[str | bytes]) -> tuple[np.ndarray, list[ImageVector]]:
+        """Logits (C,) for one text and its image(s), through the micro-batcher."""
+        model = self.model(task)
+        with model.batcher.slot() as slot:
+            if len(refs) == 1:
+                images = [await self.image(model.space, refs[0])]
+            else:  # reasoning: both images at once (either may need encoding)
+                images = list(await asyncio.gather(*(self.image(model.space, ref) for ref in refs)))
+            logits = await slot.submit(Row(text, tuple(im.vector for im in images)))
+        return logits, images
+
+    async def upload(self, data: bytes, name: str | None) -> tuple[str, bool, list[str]]:
+        """Encode an image once per model_id and commit it to every store: (sha256, was cached, model ids)."""
+        if not self.spaces:
+            raise TaskNotLoaded("this service has no models loaded")
+        loop = asyncio.get_running_loop()
+        cached = True
+        sha = ""
+        for space in self.spaces.values():
+            vec = await self._in_pool_bounded(space.encode, data)
+            sha, cached = vec.sha256, cached and vec.cached
+            if name is not None:
+                space.name(name, sha)
+            await loop.run_in_executor(self.io, space.flush)  # if it cannot commit now, the overlay serves it
+        return sha, cached, list(self.spaces)
+
+    async def _lookup(self, space: Space, key: str) -> tuple[str, np.ndarray] | None:
+        """Inline (microseconds) unless this process is writing to that store right now."""
+        if space.writing:
+            return await asyncio.get_running_loop().run_in_executor(self.io, space.lookup, key)
+        return space.lookup(key)
+
+    async def status(self, key: str) -> tuple[str, list[str], list[str]]:
+        """(sha256, model ids that have it, tasks that can answer about it); ImageNotFound if unknown."""
+        sha: str | None = key if is_sha256(key) else None
+        have: list[str] = []
+        for model_id, space in self.spaces.items():
+            hit = await self._lookup(space, key)
+            if hit is not None:
+                sha = hit[0]
+                have.append(model_id)
+        if sha is None:
+            raise ImageNotFound(f"no image {key!r} in any store")
+        tasks = [task for task, model in self.models.items() if model.space.model_id in have]
+        return sha, have, tasks
+
+    async def _in_pool_bounded(self, fn: Callable[[bytes], ImageVector], data: bytes) -> ImageVector:
+        if self._encoding >= self.settings.queue_max:
+            raise Overloaded(f"{self._encoding} image encodes are queued, the limit is {self.settings.queue_max}")
+        self._encoding += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, data)
+        finally:
+            self._encoding -= 1

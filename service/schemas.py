@@ -1,0 +1,358 @@
+"""Request and response models of the HTTP API, with their limits and OpenAPI examples."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+
+# A 1x1 white PNG, the base64 every example uses.
+EXAMPLE_PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC"
+EXAMPLE_SHA = "3f1c2e5d9b8a7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d"
+IMAGE_ID_MAX = 256
+TOP_K_MAX = 100
+_DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,")
+_WHITESPACE = re.compile(rb"\s+")
+
+
+def decode_base64(value: str) -> bytes:
+    """Standard base64 (whitespace and a `data:image/...;base64,` prefix allowed) to bytes."""
+    value = _DATA_URL.sub("", value, count=1)
+    try:
+        raw = value.encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError("the image is not base64: it contains non-ASCII characters") from None
+    try:
+        data = base64.b64decode(_WHITESPACE.sub(b"", raw), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the image is not valid base64 (standard alphabet, padded with '=')") from None
+    if not data:
+        raise ValueError("the image is empty")
+    return data
+
+
+def check_text(value: str, info: ValidationInfo) -> str:
+    """Non-blank, valid Unicode, within the configured length (passed as validation context)."""
+    limit = (info.context or {}).get("max_text_chars")
+    if limit is not None and len(value) > limit:
+        raise ValueError(f"the text is {len(value)} characters long, the limit is {limit}")
+    if not value.strip():
+        raise ValueError("the text is blank")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text is not valid Unicode (lone surrogate)") from None
+    return value
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    """Drop `"default": null` from an optional field's schema: null is not an accepted value."""
+    schema.pop("default", None)
+
+
+_BASE64_SCHEMA = {"contentEncoding": "base64", "contentMediaType": "image/*"}
+
+
+def _optional_base64(schema: dict[str, Any]) -> None:
+    _no_default(schema)
+    schema.update(_BASE64_SCHEMA)
+
+
+def _reject_null(value: object) -> object:
+    if value is None:
+        raise ValueError("must be a string, not null")
+    return value
+
+
+def _upload(info: ValidationInfo) -> bytes | None:
+    """The bytes of a multipart file part, which the route passes as validation context."""
+    upload = (info.context or {}).get("upload")
+    if upload is not None and not upload:
+        raise ValueError("the uploaded image file is empty")
+    return upload
+
+
+def _one_image(*examples: dict[str, Any]) -> dict[str, Any]:
+    """JSON Schema for 'exactly one of image_id and image', plus the model's examples."""
+    return {"oneOf": [{"required": ["image_id"]}, {"required": ["image"]}], "examples": list(examples)}
+
+
+class StrictModel(BaseModel):
+    """Unknown fields and type coercions are refused: a misspelt field is a 422, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class OneImage(StrictModel):
+    """An image given by `image_id` (a sha256 or a user id in the store) or by `image` (base64 bytes)."""
+
+    image_id: str | SkipJsonSchema[None] = Field(
+        None,
+        min_length=1,
+        max_length=IMAGE_ID_MAX,
+        description="The sha256 of a stored image, or a user id the store maps to one.",
+        json_schema_extra=_no_default,
+    )
+    image: str | SkipJsonSchema[None] = Field(
+        None,
+        min_length=1,
+        description="The image file's bytes, base64 (standard alphabet); a data: URL prefix is accepted.",
+        json_schema_extra=_optional_base64,
+    )
+
+    _data: bytes | None = PrivateAttr(None)
+    _nonnull = field_validator("image_id", "image", mode="before")(_reject_null)
+
+    @model_validator(mode="after")
+    def _exactly_one(self, info: ValidationInfo) -> Self:
+        upload = _upload(info)
+        if (self.image_id is not None) + (self.image is not None) + (upload is not None) != 1:
+            raise ValueError("give exactly one of 'image_id' and 'image'")
+        self._data = upload if upload is not None else None if self.image is None else decode_base64(self.image)
+        return self
+
+    def ref(self) -> str | bytes:
+        """The image bytes (decoded base64 or the uploaded file), or else the image id."""
+        if self._data is not None:
+            return self._data
+        assert self.image_id is not None  # the validator guarantees one of the two
+        return self.image_id
+
+
+class ImageRef(OneImage):
+    """One image of a /reasoning pair."""
+
+    model_config = ConfigDict(json_schema_extra=_one_image({"image_id": EXAMPLE_SHA}, {"image": EXAMPLE_PNG_B64}))
+
+
+class VQARequest(OneImage):
+    """A question about one image."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_one_image(
+            {"image_id": "img_00042", "question": "what color is the shape?", "top_k": 3},
+            {"image": EXAMPLE_PNG_B64, "question": "what shape is in the image?"},
+        )
+    )
+    question: str = Field(min_length=1, pattern=r"\S", description="The question, in plain text.")
+    top_k: int = Field(5, ge=1, le=TOP_K_MAX, description="How many ranked answers to return.")
+
+    _text = field_validator("question")(check_text)
+
+
+class EntailmentRequest(OneImage):
+    """Does the image (the premise) entail, contradict or leave open the hypothesis?"""
+
+    model_config = ConfigDict(
+        json_schema_extra=_one_image(
+            {"image_id": EXAMPLE_SHA, "hypothesis": "there is a red circle to the left of a square"},
+            {"image": EXAMPLE_PNG_B64, "hypothesis": "the image shows two triangles"},
+        )
+    )
+    hypothesis: str = Field(min_length=1, pattern=r"\S", description="The hypothesis, in plain text.")
+
+    _text = field_validator("hypothesis")(check_text)
+
+
+class ReasoningRequest(StrictModel):
+    """Is the statement true of the pair of images (NLVR2 style)?"""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "images": [{"image_id": "left_001"}, {"image": EXAMPLE_PNG_B64}],
+                    "statement": "there are more circles in the left image than in the right image",
+                }
+            ]
+        }
+    )
+    images: list[ImageRef] = Field(
+        min_length=2, max_length=2, description="[left, right], each {'image_id': ...} or {'image': base64}."
+    )
+    statement: str = Field(min_length=1, pattern=r"\S", description="The statement, in plain text.")
+
+    _text = field_validator("statement")(check_text)
+
+
+class ImageUploadRequest(StrictModel):
+    """An image to encode once and keep in the store of every loaded model."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"required": ["image"], "examples": [{"image": EXAMPLE_PNG_B64, "name": "catalogue-0042"}]}
+    )
+    image: str | SkipJsonSchema[None] = Field(
+        None,
+        min_length=1,
+        description="The image file's bytes, base64; a data: URL prefix is accepted.",
+        json_schema_extra=_optional_base64,
+    )
+    name: str | SkipJsonSchema[None] = Field(
+        None,
+        min_length=1,
+        max_length=IMAGE_ID_MAX,
+        pattern=r"^[^/\s][^/]*$",
+        description="An optional user id to refer to the image by (instead of its sha256).",
+        json_schema_extra=_no_default,
+    )
+
+    _data: bytes = PrivateAttr(b"")
+    _nonnull = field_validator("image", "name", mode="before")(_reject_null)
+
+    @model_validator(mode="after")
+    def _decode(self, info: ValidationInfo) -> Self:
+        upload = _upload(info)
+        if (self.image is None) == (upload is None):
+            raise ValueError("give the image once: 'image' (base64) in JSON, or an 'image' file part in a form")
+        self._data = decode_base64(self.image) if self.image is not None else upload or b""
+        return self
+
+    def image_bytes(self) -> bytes:
+        return self._data
+
+
+class Answer(BaseModel):
+    answer: str
+    score: float = Field(description="The answer's probability (sigmoid for VQA's multi-label head).")
+
+
+class VQAResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "answers": [{"answer": "red", "score": 0.97}, {"answer": "blue", "score": 0.02}],
+                    "image_id": EXAMPLE_SHA,
+                    "cached": True,
+                    "model_id": "a1b2c3d4e5f60718",
+                }
+            ]
+        }
+    )
+    answers: list[Answer] = Field(description="The top_k answers, best first.")
+    image_id: str = Field(description="The sha256 of the image; pass it as image_id next time.")
+    cached: bool = Field(description="Whether the image embedding came from the store (false: encoded now).")
+    model_id: str = Field(description="The image-embedding space the answer was computed in.")
+
+
+class EntailmentResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "label": "entailment",
+                    "scores": {"entailment": 0.91, "neutral": 0.06, "contradiction": 0.03},
+                    "image_id": EXAMPLE_SHA,
+                    "cached": False,
+                    "model_id": "a1b2c3d4e5f60718",
+                }
+            ]
+        }
+    )
+    label: str = Field(description="The most probable label.")
+    scores: dict[str, float] = Field(description="Probability of each label (softmax).")
+    image_id: str
+    cached: bool
+    model_id: str
+
+
+class ReasoningResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "label": True,
+                    "score": 0.88,
+                    "image_ids": [EXAMPLE_SHA, EXAMPLE_SHA],
+                    "cached": [True, False],
+                    "model_id": "a1b2c3d4e5f60718",
+                }
+            ]
+        }
+    )
+    label: bool = Field(description="Whether the statement is judged true of the pair.")
+    score: float = Field(description="The probability that the statement is true.")
+    image_ids: list[str] = Field(description="The sha256 of the left and right images.")
+    cached: list[bool] = Field(description="Per image, whether its embedding came from the store.")
+    model_id: str
+
+
+class ImageUploadResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"image_id": EXAMPLE_SHA, "cached": False, "model_ids": ["a1b2c3d4e5f60718"]}]}
+    )
+    image_id: str = Field(description="The sha256 of the image bytes: use it as image_id in later requests.")
+    cached: bool = Field(description="Whether every model already had the image before this upload.")
+    model_ids: list[str] = Field(description="The models whose store now holds the image.")
+
+
+class ImageStatus(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"image_id": EXAMPLE_SHA, "cached": True, "model_ids": ["a1b2c3d4e5f60718"], "tasks": ["vqa"]}]
+        }
+    )
+    image_id: str = Field(description="The image's sha256.")
+    cached: bool = Field(description="Whether at least one loaded model has the image's embedding.")
+    model_ids: list[str] = Field(description="The models that have it.")
+    tasks: list[str] = Field(description="The tasks that can answer about it without the image bytes.")
+
+
+class ModelInfo(BaseModel):
+    model_id: str
+    provider: str
+    labels: int
+    dim: int
+
+
+class ReadyResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "ready",
+                    "provider": "CPUExecutionProvider",
+                    "models": {
+                        "vqa": {
+                            "model_id": "a1b2c3d4e5f60718",
+                            "provider": "CPUExecutionProvider",
+                            "labels": 13,
+                            "dim": 128,
+                        }
+                    },
+                    "batching": True,
+                }
+            ]
+        }
+    )
+    status: str
+    provider: str = Field(description="The execution provider actually active (the first model's).")
+    models: dict[str, ModelInfo] = Field(description="Per task, the loaded model.")
+    batching: bool
+
+
+class HealthResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+    status: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error: a machine-readable code and a human message."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"code": "image_not_found", "message": "no image 'cat-7' in the store"}]}
+    )
+    code: str
+    message: str
