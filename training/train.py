@@ -298,7 +298,7 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
         if sampler is not None:
             sampler.set_epoch(epoch)
         ddp.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not is_main(), leave=False)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=(not is_main()) or None, leave=False)
         for batch in bar:
             batch = {k: v.to(device) for k, v in batch.items()}
             loss, parts = step_fn(ddp, batch)
