@@ -1,0 +1,202 @@
+"""Smoke tests of the benchmarks at tiny sizes: the files they write, the open-loop generator, the FLOP counts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from bench import flops, latency, load, run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def check_header(report: dict, benchmark: str) -> None:
+    assert report["benchmark"] == benchmark
+    assert report["command"].startswith(f"python -m bench.{benchmark} ")
+    assert report["date"][:2] == "20"
+    machine = report["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["execution_provider"]
+    assert {"python", "torch", "onnxruntime"} <= set(report["versions"])
+
+
+def check_files(out: Path, name: str) -> dict:
+    assert (out / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / f"{name}.md").read_text().strip()
+    return json.loads((out / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """latency and flops in quick mode at the tiny size, into one results directory (bundles shared)."""
+    out = tmp_path_factory.mktemp("results")
+    work = tmp_path_factory.mktemp("work")
+    common = ["--quick", "--sizes", "tiny", "--batches", "1", "4", "--work", str(work), "--out", str(out)]
+    # At batch 4 only the calls under 0.002 GFLOP run: the cached students with the padding trimmed.
+    assert latency.main([*common, "--max-gflop", "0.002"]) == 0
+    assert flops.main([*common, "--matmul-n", "256"]) == 0
+    return out
+
+
+def test_latency_writes_every_variant_with_ratios(results: Path) -> None:
+    report = check_files(results, "latency")
+    check_header(report, "latency")
+    assert 6 <= report["request"]["tokens"] <= 14
+    assert [(g["size"], g["batch"]) for g in report["groups"]] == [("tiny", 1), ("tiny", 4)]
+    one, four = report["groups"]
+    rows = {r["variant"]: r for r in one["rows"]}
+    assert len(rows) == 12 and one["rounds"] >= 3 and not one["skipped"]
+    assert rows[latency.TEACHER]["speedup_vs_teacher"] == pytest.approx(1.0)
+    for r in rows.values():
+        assert r["median_ms"] > 0 and r["samples"] == one["rounds"] and r["speedup_vs_teacher"] > 0
+    # ONNX Runtime fp32 answers as torch does; int8 differs a little
+    assert rows["student, image cached, onnxruntime fp32"]["max_abs_logit_diff_vs_torch"] < 1e-4
+    assert rows["student, image in request, onnxruntime int8"]["max_abs_logit_diff_vs_torch"] < 0.1
+    # padding trimmed to the question's tokens: the same answer (padded keys are masked), fewer FLOPs
+    trimmed = rows["student, image cached, onnxruntime fp32, padding trimmed"]
+    assert trimmed["max_abs_logit_diff_vs_torch"] < 1e-4
+    assert trimmed["gflop"] < rows["student, image cached, onnxruntime fp32"]["gflop"]
+    cached = rows["student, image cached, torch"]["gflop"]
+    assert cached < rows["student, image in request, torch"]["gflop"] < rows[latency.TEACHER]["gflop"] * 2
+    # batch 4 over the FLOP limit: the skipped variants are listed, the rest measured without a teacher ratio
+    assert {r["variant"] for r in four["rows"]} == {
+        "student, image cached, onnxruntime fp32, padding trimmed",
+        "student, image cached, onnxruntime int8, padding trimmed",
+    }
+    assert len(four["skipped"]) == 10 and all(s["gflop"] > 0.002 for s in four["skipped"])
+    assert all("speedup_vs_teacher" not in r and r["median_ms"] > 0 for r in four["rows"])
+
+
+def test_flops_fraction_of_peak(results: Path) -> None:
+    report = check_files(results, "flops")
+    check_header(report, "flops")
+    assert report["peak"]["peak_gflops"] >= max(report["peak"]["torch_gflops"], report["peak"]["numpy_gflops"]) * 0.5
+    rows = report["rows"]
+    assert {(r["tower"], r["runtime"], r["batch"]) for r in rows} == {
+        (t, rt, b) for t in ("text", "image") for rt in ("torch", "onnxruntime") for b in (1, 4)
+    }
+    for r in rows:
+        assert 0 < r["fraction_of_peak"] < 5 and r["achieved_gflops"] > 0
+        if "flops_counted_at_batch" in r:
+            assert r["flops_counted_at_batch"]["flops"] == r["flops"]
+    tiny = report["sizes"]["tiny"]
+    assert tiny["teacher_flops_counted"] == tiny["teacher_flops_per_request"]
+
+
+def test_analytic_flops_match_flop_counter() -> None:
+    """The analytic counts equal torch's FlopCounterMode for each tower and the head, at batch 3."""
+    import torch
+
+    from training.student import DualEncoderStudent, tiny_config
+
+    cfg = tiny_config("vqa", 13, 100)
+    cfg.text_layers = 1  # a text tower shallower than the image tower
+    model = DualEncoderStudent(cfg).eval()
+    ids, mask = torch.randint(5, 100, (3, cfg.max_text_len)), torch.ones(3, cfg.max_text_len, dtype=torch.long)
+    pixels = torch.zeros(3, 3, cfg.image_size, cfg.image_size)
+    d = torch.zeros(3, cfg.hidden_size)
+    assert flops.counted_flops(lambda: model.encode_text(ids, mask)) == flops.text_tower_flops(cfg, 3)
+    assert flops.counted_flops(lambda: model.encode_image(pixels)) == flops.image_tower_flops(cfg, 3)
+    assert flops.counted_flops(lambda: model.head(d, d)) == flops.head_flops(cfg, 3)
+
+
+def test_arrival_times_are_bounded_and_drawn_in_advance() -> None:
+    fixed = load.arrival_times(100.0, 0.5, 1000, "fixed")
+    assert len(fixed) == 50 and np.allclose(np.diff(fixed), 0.01)
+    poisson = load.arrival_times(1000.0, 2.0, 10_000, "poisson", seed=1)
+    assert 1800 < len(poisson) < 2200 and poisson.max() < 2.0 and np.all(np.diff(poisson) > 0)
+    assert len(load.arrival_times(1000.0, 2.0, 30, "poisson")) == 30  # bounded in count too
+    with pytest.raises(ValueError, match="arrivals"):
+        load.arrival_times(10.0, 1.0, 10, "burst")
+
+
+async def _slow_server(delay_s: float) -> tuple[asyncio.AbstractServer, int]:
+    """A real HTTP/1.1 server on 127.0.0.1 that answers every request after delay_s (keep-alive)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    ),
+                    0,
+                )
+                await reader.readexactly(length)
+                await asyncio.sleep(delay_s)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_generator_is_open_loop() -> None:
+    """Against a server that takes 300 ms per answer, 20 requests due over 0.5 s are all sent on time
+    (a closed-loop client with the same connections would have sent a handful); with only 2 connections,
+    the wait for a free connection counts in the latency."""
+
+    async def scenario() -> tuple[list[load.Outcome], list[float], list[load.Outcome]]:
+        server, port = await _slow_server(0.3)
+        async with server, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            times = load.arrival_times(40.0, 0.5, 100, "fixed")
+            wide, lags = await load.open_loop(client, "/x", lambda i: b"{}", times, connections=64, drain_s=5.0)
+            narrow, _ = await load.open_loop(client, "/x", lambda i: b"{}", times, connections=2, drain_s=0.5)
+        return wide, lags, narrow
+
+    wide, lags, narrow = asyncio.run(scenario())
+    assert len(wide) == 20 and all(o.status == 200 for o in wide)
+    assert max(o.sent - o.due for o in wide) < 0.15 and max(lags) < 0.15  # sent when due, not when answered
+    assert all(o.done - o.due >= 0.29 for o in wide)
+    summary = load.summarize(narrow, [0.0], 0.5)
+    assert summary["errors"].get("unfinished", 0) > 0  # cut at the end of the drain, counted as errors
+    finished = [o for o in narrow if o.status == 200]
+    assert max(o.done - o.due for o in finished) > 0.6  # queued behind 2 connections: latency from due time
+    assert summary["client_wait_p50_ms"] > 0
+
+
+@pytest.mark.slow
+def test_load_quick_against_real_servers(tmp_path: Path) -> None:
+    args = ["--quick", "--size", "tiny", "--duration", "0.5", "--fractions", "0.2", "--overhead-requests", "5"]
+    assert load.main([*args, "--work", str(tmp_path), "--out", str(tmp_path)]) == 0
+    report = check_files(tmp_path, "load")
+    check_header(report, "load")
+    assert report["open_loop"] is True and "open-loop" in (tmp_path / "load.md").read_text()
+    assert set(report["overhead"]["overhead_p50_ms"]) == {"batching on", "batching off"}
+    assert report["capacity"]["throughput_rps"]["batching on"] > 0
+    assert {(r["server"], r["images"]) for r in report["sweep"]} == {
+        (s, i) for s in ("batching on", "batching off") for i in ("cached", "uploaded")
+    }
+    for r in report["sweep"]:
+        assert r["ok"] > 0 and r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert 0 <= r["error_ratio"] <= 1 and r["throughput_rps"] > 0
+
+
+def test_run_report_and_readme_match_the_json(results: Path, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n\n{run.START}\nstale\n{run.END}\n\nafter\n")
+    assert run.main(["--report-only", "--out", str(results), "--readme", str(readme)]) == 0
+    summary = json.loads((results / "summary.json").read_text())
+    assert {t["status"] for t in summary["targets"]} <= {"met", "missed", "not measured"}
+    by_name = {t["target"]: t for t in summary["targets"]}
+    assert by_name["speed-up fp32"]["status"] != "not measured"  # tiny latency results are there
+    assert "tiny" in by_name["speed-up fp32"]["note"]
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nbefore\n") and text.endswith("\nafter\n") and "stale" not in text
+    for t in summary["targets"]:
+        assert t["measured"] in text and t["goal"] in text
+    report = (results / "report.md").read_text()
+    assert "## Targets" in report and "![latency](latency.png)" in report
+    without = tmp_path / "OTHER.md"
+    without.write_text("no markers\n")
+    assert run.main(["--report-only", "--out", str(results), "--readme", str(without)]) == 0
+    assert without.read_text() == "no markers\n"
