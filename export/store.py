@@ -44,6 +44,19 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+
+
+def _json_lines(path: Path, data: bytes) -> list[dict]:
+    """Parse a committed JSON-lines log; a damaged line is a StoreError naming the file and line."""
+    out = []
+    for i, line in enumerate(data.splitlines(), 1):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            raise StoreError(f"{path}:{i}: not a JSON line: the store is damaged") from None
+    return out
+
+
 VECTORS = "vectors.f32"
 KEYS = "sha256.bin"
 COMMITS = "commits.jsonl"
@@ -276,6 +289,17 @@ class EmbeddingStore:
         with _WriteLock(directory / LOCK, lock_timeout).hold("create"):
             if (directory / MANIFEST).is_file():  # another process created it first
                 return
+            # Data without a manifest is a damaged store, not an empty one: never start over it.
+            leftovers = [
+                n
+                for n in (VECTORS, KEYS, COMMITS, USER_IDS)
+                if (directory / n).is_file() and (directory / n).stat().st_size
+            ]
+            if leftovers:
+                raise StoreError(
+                    f"{directory / MANIFEST} is missing but {', '.join(leftovers)} hold data: the store is damaged; "
+                    "restore manifest.json from a backup or move the directory away to start a new store"
+                )
             for name in (VECTORS, KEYS, COMMITS, USER_IDS):
                 (directory / name).touch()
             manifest = {
@@ -350,8 +374,7 @@ class EmbeddingStore:
             data = f.read(committed - self._uid_bytes)
         if len(data) < committed - self._uid_bytes:
             raise StoreError(f"{self.directory / USER_IDS} is truncated below its committed length")
-        for line in data.splitlines():
-            entry = json.loads(line)
+        for entry in _json_lines(self.directory / USER_IDS, data):
             row = self._row_of_sha(entry["sha256"])
             if row is None:
                 raise StoreError(f"{self.directory / USER_IDS}: id {entry['id']!r} names a missing row")
@@ -429,7 +452,7 @@ class EmbeddingStore:
     def commits(self) -> list[dict]:
         with open(self.directory / COMMITS, "rb") as f:
             data = f.read(int(self.manifest["commits_bytes"]))
-        return [json.loads(line) for line in data.splitlines()]
+        return _json_lines(self.directory / COMMITS, data)
 
     # --- writing -----------------------------------------------------------------------------------------
 
@@ -680,8 +703,7 @@ class EmbeddingStore:
             if not np.isfinite(self._vectors[a : a + 65536]).all():
                 problems.append(f"rows {a}..{min(self._rows, a + 65536) - 1} hold NaN or infinite values")
         seen: dict[str, str] = {}
-        for line in uid_lines:
-            e = json.loads(line)
+        for e in _json_lines(self.directory / USER_IDS, b"".join(uid_lines)):
             if e["id"] in seen and seen[e["id"]] != e["sha256"]:
                 problems.append(f"user id {e['id']!r} is mapped to two different rows")
             seen[e["id"]] = e["sha256"]

@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from export.preprocess import ImageError, TextError
@@ -164,6 +165,11 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
             message = f"no such endpoint: {request.method} {request.url.path}"
         return error_response(exc.status_code, code, message, dict(exc.headers or {}) or None)
 
+    async def client_gone(request: Request, exc: Exception) -> JSONResponse:
+        # Nobody is left to answer; 499 (nginx's "client closed request") keeps it out of the 5xx error rate.
+        log.info("%s %s: the client closed the connection before its body was read", request.method, request.url.path)
+        return error_response(499, "client_closed_request", "the client closed the connection")
+
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "internal", "internal error; it has been logged")
@@ -178,6 +184,7 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     app.add_exception_handler(NameTaken, handle(409, "name_taken"))
     app.add_exception_handler(Overloaded, handle(503, "overloaded", retry))
     app.add_exception_handler(BodyTooLarge, handle(413, "payload_too_large"))
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, internal)
 
 

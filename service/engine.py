@@ -17,7 +17,7 @@ import numpy as np
 
 from export.preprocess import ImageError
 from export.runtime import Bundle
-from export.store import EmbeddingStore, StoreLocked, is_sha256
+from export.store import EmbeddingStore, StoreError, StoreLocked, is_sha256
 from service.batcher import MicroBatcher, Overloaded
 from service.metrics import Metrics
 from service.settings import Settings
@@ -198,7 +198,7 @@ class Space:
             except StoreLocked:
                 self._report(f"locked for writing by {self.store.locked_by() or 'another process'}", len(pending))
                 return False
-            except OSError as e:
+            except (OSError, StoreError) as e:  # disk full, read-only, or store files damaged under us
                 self._report(f"cannot be written: {e}", len(pending))
                 return False
             self._problem = None
@@ -323,6 +323,16 @@ class Engine:
                 store = EmbeddingStore.open(
                     self.settings.store, bundle.model_id, bundle.dim, create=True, lock_timeout=STORE_LOCK_TIMEOUT_S
                 )
+                if self.settings.verify_store:
+                    problems, _ = store.verify()
+                    if problems:  # a build committing right now may replace its index under us: look again
+                        problems, _ = store.verify()
+                    if problems:
+                        raise StoreError(
+                            f"the embedding store {store.directory} is damaged: {'; '.join(problems)}. "
+                            f"Check it with `dide-cache verify --store {self.settings.store} --model-id "
+                            f"{bundle.model_id}`; restore it from a backup or rebuild it with `dide-cache build`"
+                        )
                 space = self.spaces[bundle.model_id] = Space(store, bundle, self.metrics, self.settings.overlay_max)
                 log.info("store %s: %d images cached at %s", bundle.model_id, len(store), store.directory)
             self.models[task] = Model(bundle, space, self.metrics, self.settings, self.executor)

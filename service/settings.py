@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         ge=1,
         description="New vectors kept in memory until committed (e.g. while a cache build holds the store's lock).",
     )
+    verify_store: bool = Field(
+        default=True,
+        description="Check every stored row against its commit log's sha256 at start-up and refuse a damaged store "
+        "(reads the whole store once: about 1 s per GB).",
+    )
     store_refresh_s: float = Field(
         default=30.0, ge=0.0, description="How often to pick up rows another process committed; 0 = never."
     )

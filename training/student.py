@@ -227,6 +227,9 @@ def _init_weights(module: nn.Module) -> None:
 # --- checkpoints -------------------------------------------------------------------------------------
 
 
+CHECKPOINT_FILES = ("model.safetensors", "tokenizer.json")
+
+
 @dataclass
 class LoadedStudent:
     model: DualEncoderStudent  # in eval mode
@@ -291,8 +294,10 @@ def save_student(
     def write(tmp: Path) -> None:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save(str(tmp / "tokenizer.json"))
+        # The checkpoint is verified against these before use (load_student).
+        config["sha256"] = {name: file_sha256(tmp / name) for name in CHECKPOINT_FILES}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
 
     atomic_directory(directory, write)
 
@@ -309,10 +314,13 @@ def load_student(directory: str | Path) -> LoadedStudent:
     meta = read_config(directory)
     if meta.get("kind") != "student":
         raise ValueError(f"{directory} holds a {meta.get('kind', 'non-DiDE')!r} checkpoint, not a student")
+    hashes = {name: file_sha256(directory / name) for name in CHECKPOINT_FILES}
+    for name, expected in meta.get("sha256", {}).items():
+        if hashes.get(name) != expected:
+            raise ValueError(f"{directory / name}: sha256 does not match config.json: the checkpoint is damaged")
     cfg = StudentConfig(**meta["student"])
     model = DualEncoderStudent(cfg)
-    weights = directory / "model.safetensors"
-    model.load_state_dict(load_file(str(weights)))
+    model.load_state_dict(load_file(str(directory / "model.safetensors")))
     model.eval()
     return LoadedStudent(
         model=model,
@@ -320,5 +328,5 @@ def load_student(directory: str | Path) -> LoadedStudent:
         image_spec=ImageSpec.from_dict(meta["image_spec"]),
         text=TextEncoder.from_file(directory / "tokenizer.json", cfg.max_text_len),
         data=meta["data"],
-        sha256=file_sha256(weights),
+        sha256=hashes["model.safetensors"],
     )
