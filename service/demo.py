@@ -59,7 +59,7 @@ def easy_vqa_test_images() -> Path:
 
 
 def build(root: Path) -> list[Path]:
-    """Teachers, DiDE students and bundles for the three tasks, and the easy-VQA test images cached."""
+    """Teachers, DiDE students and bundles for the three tasks; the easy-VQA test images cached for each."""
     t0 = time.time()
     bundles = []
     for m in MODELS:
@@ -72,11 +72,13 @@ def build(root: Path) -> list[Path]:
         step(f"{m.task} bundle", bundle, ["export.onnx_export", "--student", str(student), "--out", str(bundle),
                                           "--eval-size", "300"])  # fmt: skip
         bundles.append(bundle)
-    marker = root / "store" / ".demo-cached"
-    if not marker.exists():
-        subprocess.run([sys.executable, "-m", "export.cache_cli", "build", "--bundle", str(bundles[0]), "--images",
-                        str(easy_vqa_test_images()), "--store", str(root / "store")], check=True)  # fmt: skip
-        marker.touch()
+    # Each task's image tower has its own embedding space (model_id), so each gets its own store rows.
+    for bundle in bundles:
+        marker = root / "store" / f".demo-cached-{bundle.name}"
+        if not marker.exists():
+            subprocess.run([sys.executable, "-m", "export.cache_cli", "build", "--bundle", str(bundle), "--images",
+                            str(easy_vqa_test_images()), "--store", str(root / "store")], check=True)  # fmt: skip
+            marker.touch()
     log.info("demo artefacts ready under %s (%.0fs)", root, time.time() - t0)
     return bundles
 
