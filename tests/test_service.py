@@ -295,46 +295,33 @@ def test_image_cached_for_one_model_is_unknown_to_another(client: TestClient) ->
 
 
 def test_metrics_move_with_requests(client: TestClient) -> None:
-    before = {
-        "vqa_2xx": metric(client, "dide_request_duration_seconds_count", endpoint="/vqa", status_class="2xx"),
-        "vqa_4xx": metric(client, "dide_request_duration_seconds_count", endpoint="/vqa", status_class="4xx"),
-        "status": metric(
-            client, "dide_request_duration_seconds_count", endpoint="/images/{image_id}", status_class="4xx"
-        ),
-        "other": metric(client, "dide_request_duration_seconds_count", endpoint="other", status_class="4xx"),
-        "text_hit": metric(client, "dide_cache_hits_total", cache="text"),
-        "text_miss": metric(client, "dide_cache_misses_total", cache="text"),
-        "image_hit": metric(client, "dide_cache_hits_total", cache="image"),
-        "image_miss": metric(client, "dide_cache_misses_total", cache="image"),
-        "head": metric(client, "dide_batch_size_count", model="head"),
-        "decode": metric(client, "dide_stage_duration_seconds_count", stage="decode"),
-        "encode": metric(client, "dide_stage_duration_seconds_count", stage="image_encode"),
-        "text_encode": metric(client, "dide_stage_duration_seconds_count", stage="text_encode"),
-        "lookup": metric(client, "dide_stage_duration_seconds_count", stage="lookup"),
-    }
+    def snapshot() -> dict[str, float]:
+        return {
+            "vqa_2xx": metric(client, "dide_request_duration_seconds_count", endpoint="/vqa", status_class="2xx"),
+            "vqa_4xx": metric(client, "dide_request_duration_seconds_count", endpoint="/vqa", status_class="4xx"),
+            "status": metric(
+                client, "dide_request_duration_seconds_count", endpoint="/images/{image_id}", status_class="4xx"
+            ),
+            "other": metric(client, "dide_request_duration_seconds_count", endpoint="other", status_class="4xx"),
+            "text_hit": metric(client, "dide_cache_hits_total", cache="text"),
+            "text_miss": metric(client, "dide_cache_misses_total", cache="text"),
+            "image_hit": metric(client, "dide_cache_hits_total", cache="image"),
+            "image_miss": metric(client, "dide_cache_misses_total", cache="image"),
+            "head": metric(client, "dide_batch_size_count", model="head"),
+            "decode": metric(client, "dide_stage_duration_seconds_count", stage="decode"),
+            "encode": metric(client, "dide_stage_duration_seconds_count", stage="image_encode"),
+            "text_encode": metric(client, "dide_stage_duration_seconds_count", stage="text_encode"),
+            "lookup": metric(client, "dide_stage_duration_seconds_count", stage="lookup"),
+        }
+
+    before = snapshot()
     question = "is there a metrics triangle?"
     sha = client.post("/vqa", json={"image": b64(png(10)), "question": question}).json()["image_id"]
     client.post("/vqa", json={"image_id": sha, "question": question})
     client.post("/vqa", json={"question": question})
     client.get("/images/unknown-name")
     client.get("/no/such/path")
-    after = {
-        "vqa_2xx": metric(client, "dide_request_duration_seconds_count", endpoint="/vqa", status_class="2xx"),
-        "vqa_4xx": metric(client, "dide_request_duration_seconds_count", endpoint="/vqa", status_class="4xx"),
-        "status": metric(
-            client, "dide_request_duration_seconds_count", endpoint="/images/{image_id}", status_class="4xx"
-        ),
-        "other": metric(client, "dide_request_duration_seconds_count", endpoint="other", status_class="4xx"),
-        "text_hit": metric(client, "dide_cache_hits_total", cache="text"),
-        "text_miss": metric(client, "dide_cache_misses_total", cache="text"),
-        "image_hit": metric(client, "dide_cache_hits_total", cache="image"),
-        "image_miss": metric(client, "dide_cache_misses_total", cache="image"),
-        "head": metric(client, "dide_batch_size_count", model="head"),
-        "decode": metric(client, "dide_stage_duration_seconds_count", stage="decode"),
-        "encode": metric(client, "dide_stage_duration_seconds_count", stage="image_encode"),
-        "text_encode": metric(client, "dide_stage_duration_seconds_count", stage="text_encode"),
-        "lookup": metric(client, "dide_stage_duration_seconds_count", stage="lookup"),
-    }
+    after = snapshot()
     delta = {k: after[k] - before[k] for k in before}
     assert delta["vqa_2xx"] == 2 and delta["vqa_4xx"] == 1
     assert delta["status"] == 1 and delta["other"] == 1  # route templates, not raw paths

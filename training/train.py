@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -332,8 +333,6 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
             dist.barrier()
     if is_main():
         save_fn()
-        import shutil
-
         shutil.rmtree(resume_dir, ignore_errors=True)
         log.info("trained %d steps in %.1fs; saved %s", step, time.time() - t0, args.out)
 
