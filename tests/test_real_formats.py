@@ -313,13 +313,13 @@ def test_load_data_easy_vqa():
     ("spec", "task", "message"),
     [
         (
-            "coco",
+            "flickr30k",
             "vqa",
-            r"unknown data 'coco': use one of easy-vqa, scenes\[:train=N,test=N,seed=N\], vqav2:DIR, snli-ve:DIR, nl",
+            r"unknown data 'flickr30k': use one of easy-vqa, scenes\[:train=N,test=N,seed=N\], vqav2:DIR, snli-ve:DIR",
         ),
         ("snli-ve:/x", "vqa", "snli-ve has no 'vqa' task .*for vqa use one of: easy-vqa, scenes.*, vqav2:DIR"),
         ("easy-vqa", "reasoning", "easy-vqa has no 'reasoning' task .*for reasoning use one of: scenes.*, nlvr2:DIR"),
-        ("scenes", "captioning", "unknown task 'captioning': use one of vqa, entailment, reasoning"),
+        ("scenes", "captioning", "unknown task 'captioning': use one of vqa, entailment, reasoning, itm"),
         ("nlvr2", "reasoning", "nlvr2 needs its data directory: use --data nlvr2:/path/to/nlvr2"),
         ("nlvr2:/no/such/dir", "reasoning", "nlvr2: /no/such/dir is not a directory"),
         ("easy-vqa:/x", "vqa", "easy-vqa takes no parameters"),

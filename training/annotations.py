@@ -28,6 +28,20 @@ def read_json(path: Path) -> Any:
         raise AnnotationError(f"{path}:{e.lineno}: bad JSON: {e.msg} (column {e.colno})") from None
 
 
+def read_record_lists(path: Path, *keys: str) -> list[list[dict]]:
+    """The lists of JSON objects under `keys` of one JSON document (e.g. COCO's "images" and "annotations")."""
+    data = read_json(path)
+    lists = []
+    for key in keys:
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise AnnotationError(f"{path}: expected a JSON object with a list under {key!r}")
+        for i, record in enumerate(data[key]):
+            if not isinstance(record, dict):
+                raise AnnotationError(f"{path}: {key}[{i}] is not a JSON object")
+        lists.append(data[key])
+    return lists
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[str, dict]]:
     """("FILE:LINE", record) for each non-blank line of a JSON-lines file."""
     with open(path, encoding="utf-8") as f:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TASKS = ("vqa", "entailment", "reasoning")
+TASKS = ("vqa", "entailment", "reasoning", "itm")
 ENTAILMENT_LABELS = ("entailment", "neutral", "contradiction")
 REASONING_LABELS = ("False", "True")
+ITM_LABELS = ("match",)  # image-text matching: one logit, whether the caption describes the image
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,20 @@ class ReasoningExample:
     label: bool
 
 
-Example = VQAExample | EntailmentExample | ReasoningExample
+@dataclass(frozen=True)
+class PairExample:
+    """An image and a caption that describes it (image-text matching, pre-training distillation).
+
+    `negatives` are hard negative captions: each differs from the caption in one attribute or relation
+    and is false for the image.
+    """
+
+    image: Path
+    caption: str
+    negatives: tuple[str, ...] = ()
+
+
+Example = VQAExample | EntailmentExample | ReasoningExample | PairExample
 
 
 @dataclass
@@ -57,6 +71,8 @@ def text_of(ex: Example) -> str:
         return ex.question
     if isinstance(ex, EntailmentExample):
         return ex.hypothesis
+    if isinstance(ex, PairExample):
+        return ex.caption
     return ex.statement
 
 
@@ -67,7 +83,7 @@ def images_of(ex: Example) -> tuple[Path, ...]:
 
 
 def target_of(ex: Example, labels: list[str]) -> list[float]:
-    """The training target as a score per label (soft scores for VQA, one-hot otherwise)."""
+    """The training target as a score per label (soft scores for VQA, one-hot otherwise; a pair matches)."""
     index = {a: i for i, a in enumerate(labels)}
     y = [0.0] * len(labels)
     if isinstance(ex, VQAExample):
@@ -76,6 +92,8 @@ def target_of(ex: Example, labels: list[str]) -> list[float]:
                 y[index[a]] = s
     elif isinstance(ex, EntailmentExample):
         y[index[ex.label]] = 1.0
+    elif isinstance(ex, PairExample):
+        y[index["match"]] = 1.0
     else:
         y[index[str(ex.label)]] = 1.0
     return y

@@ -15,7 +15,9 @@ MASK_FILL = -1e30  # finite in float32, and exp(MASK_FILL - any real score) is e
 
 
 def vqa_kd_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """BCEWithLogits(student, sigmoid(teacher)), mean over batch x answers, times the answer count (ViLT)."""
+    """BCEWithLogits(student, sigmoid(teacher)), mean over batch x answers, times the answer count (ViLT).
+
+    Also ITM's: with its one logit, plain BCE against the teacher's match probability."""
     s, t = student_logits.float(), teacher_logits.float()
     return F.binary_cross_entropy_with_logits(s, torch.sigmoid(t)) * s.shape[1]
 
@@ -27,7 +29,7 @@ def softmax_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature:
 
 
 def vqa_gt_loss(logits: Tensor, soft_targets: Tensor) -> Tensor:
-    """BCEWithLogits against the VQA soft scores, times the answer count (ViLT's VQA loss)."""
+    """BCEWithLogits against the VQA soft scores, times the answer count (ViLT's VQA loss; ITM's BCE)."""
     return F.binary_cross_entropy_with_logits(logits.float(), soft_targets.float()) * logits.shape[1]
 
 

@@ -1,4 +1,5 @@
-"""Synthetic shape scenes (seeded, drawn with Pillow) for VQA, entailment and NLVR2-style reasoning."""
+"""Synthetic shape scenes (seeded, drawn with Pillow) for VQA, entailment, NLVR2-style reasoning and
+image-text matching."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from tqdm import tqdm
 
 from training.examples import (
     ENTAILMENT_LABELS,
+    ITM_LABELS,
     REASONING_LABELS,
     EntailmentExample,
+    PairExample,
     ReasoningExample,
     TaskData,
     VQAExample,
@@ -47,8 +50,9 @@ VQA_LABELS = [*COLORS, *SHAPES, "yes", "no", *COUNTS]
 # Images rendered per split: (train, test). Each VQA image gets up to 6 questions (~5 on average:
 # ~15,000 / ~3,000), each entailment image 2 hypotheses per label (15,000 / 3,000), and each
 # reasoning image is the left image of one pair and the right image of another, with 2 true and 2
-# false statements per pair (12,000 / 2,400, each with two images).
-DEFAULT_SIZES = {"vqa": (3000, 600), "entailment": (2500, 500), "reasoning": (3000, 600)}
+# false statements per pair (12,000 / 2,400, each with two images); each image-text matching image
+# one caption with its hard negatives (6,000 / 1,000).
+DEFAULT_SIZES = {"vqa": (3000, 600), "entailment": (2500, 500), "reasoning": (3000, 600), "itm": (6000, 1000)}
 MAX_QUESTIONS_PER_IMAGE = 6
 STATEMENTS_PER_LABEL = 2
 
@@ -417,6 +421,72 @@ def _reasoning_statements() -> dict[str, PairStatement]:
 REASONING_STATEMENTS = _reasoning_statements()
 
 
+# Image-text matching captions: one relation between two shapes, then every other shape, e.g. "a red
+# circle is left of a blue square. there are also two green triangles." A caption says that its shapes
+# are there (as many of each colour and kind as it names) and that its relation holds between two
+# of them; it describes every shape of its scene, so it is true. A hard negative changes one colour,
+# kind or the relation, and is kept only if that makes it false for the scene.
+
+
+@dataclass(frozen=True)
+class Caption:
+    """Two shapes in a relation, and the other shapes of the scene."""
+
+    a: Description  # (colour, kind)
+    relation: str
+    b: Description
+    others: tuple[Description, ...]
+
+    @property
+    def text(self) -> str:
+        text = f"a {' '.join(self.a)} is {self.relation} a {' '.join(self.b)}."
+        if self.others:
+            counts = Counter(self.others)  # in the order first named
+            parts = [f"a {' '.join(d)}" if n == 1 else f"{NUMBER_WORDS[n]} {' '.join(d)}s" for d, n in counts.items()]
+            verb = "is" if len(self.others) == 1 else "are"
+            text += f" there {verb} also {' and '.join(parts)}."
+        return text
+
+    def holds(self, shapes: Sequence[Shape]) -> bool:
+        have = Counter((s.color, s.shape) for s in shapes)
+        named = Counter([self.a, self.b, *self.others])
+        return all(have[d] >= n for d, n in named.items()) and _has_related_pair(shapes, self.a, self.relation, self.b)
+
+    def with_slot(self, i: int, description: Description) -> Caption:
+        """The caption with its i-th shape (a, b, then the others) described otherwise."""
+        slots = [self.a, self.b, *self.others]
+        slots[i] = description
+        return Caption(slots[0], self.relation, slots[1], tuple(slots[2:]))
+
+
+def _hard_negatives(caption: Caption, shapes: Sequence[Shape], rng: random.Random) -> list[str]:
+    """Up to one false caption per kind of change: a colour, a kind of shape, the relation."""
+    slots = [caption.a, caption.b, *caption.others]
+    by_kind = {
+        "color": [
+            caption.with_slot(i, (c, kind)) for i, (color, kind) in enumerate(slots) for c in COLORS if c != color
+        ],
+        "shape": [
+            caption.with_slot(i, (color, k)) for i, (color, kind) in enumerate(slots) for k in SHAPES if k != kind
+        ],
+        "relation": [Caption(caption.a, r, caption.b, caption.others) for r in RELATIONS if r != caption.relation],
+    }
+    negatives = []
+    for changed in by_kind.values():
+        false = [c for c in changed if not c.holds(shapes)]
+        if false:
+            negatives.append(rng.choice(false).text)
+    return negatives
+
+
+def scene_caption(scene: Scene, rng: random.Random) -> Caption:
+    """A true caption: a random relation between two random shapes, then the others in grid order."""
+    x, y = rng.sample(scene.shapes, 2)
+    relation = rng.choice([r for r in RELATIONS if relation_holds(x, r, y)])  # distinct cells: one holds
+    others = tuple((s.color, s.shape) for s in scene.shapes if s not in (x, y))
+    return Caption((x.color, x.shape), relation, (y.color, y.shape), others)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Balanced sampling
 
@@ -545,6 +615,16 @@ def _reasoning_split(n_images: int, rng: random.Random) -> tuple[list[Scene], li
     return scenes, records
 
 
+def _itm_split(n_images: int, rng: random.Random) -> tuple[list[Scene], list[dict]]:
+    """Scenes, each with one true caption and its hard negatives."""
+    scenes = [random_scene(rng) for _ in range(n_images)]
+    records = []
+    for i, scene in enumerate(scenes):
+        caption = scene_caption(scene, rng)
+        records.append({"image": i, "caption": caption.text, "negatives": _hard_negatives(caption, scene.shapes, rng)})
+    return scenes, records
+
+
 # ---------------------------------------------------------------------------------------------------
 # Building the cache and loading it
 
@@ -556,8 +636,8 @@ def data_dir() -> Path:
 
 def _write_split(task: str, n_images: int, rng: random.Random, out: Path, split: str) -> None:
     """Render one split's images to out/split/NNNNN.png and its examples to out/split.jsonl."""
-    generate = {"vqa": _vqa_split, "entailment": _entailment_split, "reasoning": _reasoning_split}[task]
-    scenes, records = generate(n_images, rng)
+    splits = {"vqa": _vqa_split, "entailment": _entailment_split, "reasoning": _reasoning_split, "itm": _itm_split}
+    scenes, records = splits[task](n_images, rng)
     (out / split).mkdir()
     for i, scene in enumerate(tqdm(scenes, desc=f"rendering {split}", unit="img", disable=None)):
         render_scene(scene).save(out / split / f"{i:05d}.png")
@@ -611,6 +691,8 @@ def _read_split(directory: Path, task: str, split: str) -> list:
                 examples.append(VQAExample(directory / r["image"], r["question"], {r["answer"]: 1.0}))
             elif task == "entailment":
                 examples.append(EntailmentExample(directory / r["image"], r["hypothesis"], r["label"]))
+            elif task == "itm":
+                examples.append(PairExample(directory / r["image"], r["caption"], tuple(r["negatives"])))
             else:
                 left, right = (directory / p for p in r["images"])
                 examples.append(ReasoningExample((left, right), r["statement"], r["label"] == "True"))
@@ -618,7 +700,7 @@ def _read_split(directory: Path, task: str, split: str) -> list:
 
 
 def load_scenes(task: str, *, train: int | None = None, test: int | None = None, seed: int = 0) -> TaskData:
-    """The synthetic scenes for `task` ("vqa", "entailment" or "reasoning"), generated on first use
+    """The synthetic scenes for `task` ("vqa", "entailment", "reasoning" or "itm"), generated on first use
     and cached under data_dir()/scenes; `train` / `test` count rendered images (DEFAULT_SIZES)."""
     if task not in DEFAULT_SIZES:
         raise ValueError(f"unknown task {task!r} for scenes: choose one of {', '.join(DEFAULT_SIZES)}")
@@ -628,7 +710,12 @@ def load_scenes(task: str, *, train: int | None = None, test: int | None = None,
     if train < least or test < least:
         raise ValueError(f"scenes for {task} need train and test >= {least} images, got train={train}, test={test}")
     directory = build_scenes(task, train, test, seed, data_dir() / "scenes")
-    labels = {"vqa": list(VQA_LABELS), "entailment": list(ENTAILMENT_LABELS), "reasoning": list(REASONING_LABELS)}
+    labels = {
+        "vqa": list(VQA_LABELS),
+        "entailment": list(ENTAILMENT_LABELS),
+        "reasoning": list(REASONING_LABELS),
+        "itm": list(ITM_LABELS),
+    }
     return TaskData(
         task=task,
         labels=labels[task],

@@ -23,7 +23,7 @@ from export.preprocess import ImageSpec, TextEncoder
 
 @dataclass
 class StudentConfig:
-    task: str  # "vqa" | "entailment" | "reasoning"
+    task: str  # "vqa" | "entailment" | "reasoning" | "itm" (image-text matching: one logit)
     num_labels: int
     vocab_size: int
     max_text_len: int  # L

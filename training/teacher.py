@@ -1,20 +1,25 @@
-"""The fusion-encoder teacher: a thin wrapper over Hugging Face ViLT with the three task heads."""
+"""The fusion-encoder teacher: a thin wrapper over Hugging Face ViLT with the task heads (and ITM's)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
-from transformers import ViltConfig, ViltForImagesAndTextClassification, ViltForQuestionAnswering
+from transformers import (
+    ViltConfig,
+    ViltForImageAndTextRetrieval,
+    ViltForImagesAndTextClassification,
+    ViltForQuestionAnswering,
+)
 
 from export.preprocess import ImageSpec, TextEncoder
-from training.examples import ENTAILMENT_LABELS, REASONING_LABELS
-from training.student import DualEncoderStudent, StudentConfig, atomic_directory
+from training.examples import ENTAILMENT_LABELS, ITM_LABELS, REASONING_LABELS
+from training.student import DualEncoderStudent, StudentConfig, atomic_directory, load_student
 from training.tokenizer import load_checkpoint_tokenizer
 
 # Named from-scratch sizes. `base` is ViLT-B/32; `small` is the report model for 64x64 easy-VQA and scenes,
@@ -40,6 +45,16 @@ SIZES: dict[str, dict] = {
 }
 MAX_TEXT_LEN = 40  # position embeddings of from-scratch teachers (ViLT's max_text_len)
 
+TeacherModel = ViltForQuestionAnswering | ViltForImagesAndTextClassification | ViltForImageAndTextRetrieval
+
+
+def model_class(task: str) -> type[TeacherModel]:
+    """The HF ViLT class of a task: NLVR2's two-image classifier, the ITM scorer, else the VQA classifier
+    (which, with a 3-way head, is also the entailment model)."""
+    if task == "reasoning":
+        return ViltForImagesAndTextClassification
+    return ViltForImageAndTextRetrieval if task == "itm" else ViltForQuestionAnswering
+
 
 class FusionOutput(NamedTuple):
     logits: Tensor  # (B, C)
@@ -52,7 +67,7 @@ class FusionOutput(NamedTuple):
 class Teacher:
     """A ViLT task model with what DiDE needs from it: logits and last-layer cross-modal q/k."""
 
-    model: ViltForQuestionAnswering | ViltForImagesAndTextClassification
+    model: TeacherModel
     task: str
     labels: list[str]
     image_spec: ImageSpec
@@ -152,6 +167,8 @@ def labels_for(task: str, labels: list[str] | None) -> list[str]:
         return list(ENTAILMENT_LABELS)
     if task == "reasoning":
         return list(REASONING_LABELS)
+    if task == "itm":
+        return list(ITM_LABELS)
     if not labels:
         raise ValueError("a VQA teacher needs its answer vocabulary")
     return list(labels)
@@ -185,37 +202,90 @@ def build_teacher(
         attention_probs_dropout_prob=dropout,
         max_image_length=-1,
     )
-    cls = ViltForImagesAndTextClassification if task == "reasoning" else ViltForQuestionAnswering
-    model = cls(cfg)
+    model = model_class(task)(cfg)
     text = TextEncoder(tokenizer, max_text_len)
     return Teacher(model, task, labels, ImageSpec(size=cfg.image_size), text, data)
+
+
+def text_length(tokenizer: Tokenizer, texts: list[str], limit: int = MAX_TEXT_LEN) -> int:
+    """The longest text in tokens rounded up to a multiple of 4, at most `limit`: so no text is cut and
+    none pays for 40."""
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy without the truncation a TextEncoder sets
+    tokenizer.no_truncation()
+    longest = max(len(e.ids) for e in tokenizer.encode_batch(texts))
+    return min(limit, -(-longest // 4) * 4)
+
+
+def checkpoint_task(directory: str | Path) -> str:
+    """The task a teacher directory was trained for: its dide.json's, else what its HF architecture does."""
+    meta_path = Path(directory) / "dide.json"
+    if meta_path.is_file() and "task" in (meta := json.loads(meta_path.read_text())):
+        return meta["task"]
+    cfg = ViltConfig.from_pretrained(directory)
+    if "ViltForImageAndTextRetrieval" in (cfg.architectures or []):
+        return "itm"
+    return "reasoning" if cfg.num_images == 2 else "vqa"
 
 
 def load_teacher(directory: str | Path, task: str | None = None, data: str = "") -> Teacher:
     """A teacher saved by `dide-train teacher`, or any HF ViLT task checkpoint directory (or hub id).
 
     HF checkpoints: ViltForQuestionAnswering (vqa; also entailment with a 3-way head),
-    ViltForImagesAndTextClassification (reasoning); the tokenizer.json saved beside the weights is used.
+    ViltForImagesAndTextClassification (reasoning), ViltForImageAndTextRetrieval (itm, e.g.
+    dandelin/vilt-b32-finetuned-coco); the tokenizer.json saved beside the weights is used.
     """
     directory = Path(directory)
     meta_path = directory / "dide.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     cfg = ViltConfig.from_pretrained(directory)
-    task = task or meta.get("task") or ("reasoning" if cfg.num_images == 2 else "vqa")
-    if task == "reasoning":
-        model = ViltForImagesAndTextClassification.from_pretrained(directory)
-    else:
-        model = ViltForQuestionAnswering.from_pretrained(directory)
+    own = checkpoint_task(directory)
+    task = task or own
+    if task != own and (task, own) != ("entailment", "vqa"):
+        hint = f"; to fine-tune a {task} teacher from it: dide-train teacher --task {task} --init {directory}"
+        raise ValueError(f"{directory} is a teacher for {own}, not for {task}" + (hint if own == "itm" else ""))
+    model = model_class(task).from_pretrained(directory)
     labels = meta.get("labels") or [cfg.id2label[i] for i in range(cfg.num_labels)]
     if task == "entailment" and len(labels) != 3:
         raise ValueError(f"{directory}: an entailment teacher needs a 3-way head, this one has {len(labels)}")
     if task == "reasoning" and [str(x) for x in labels] != list(REASONING_LABELS):
         labels = list(REASONING_LABELS)  # NLVR2 checkpoints label 0 False, 1 True
+    if task == "itm":
+        labels = list(ITM_LABELS)  # one logit, whatever the config's id2label says
     spec = ImageSpec.from_dict(meta["image_spec"]) if "image_spec" in meta else ImageSpec(size=cfg.image_size)
     max_len = meta.get("max_text_len", cfg.max_position_embeddings)
     text = TextEncoder(load_checkpoint_tokenizer(directory), max_len)
     model.eval()
     return Teacher(model, task, labels, spec, text, meta.get("data", data))
+
+
+def teacher_for_task(base: Teacher, task: str, labels: list[str], data: str, max_text_len: int) -> Teacher:
+    """A new `task` teacher over `base`'s ViLT weights (stage 2 from an image-text matching teacher):
+    a fresh head for `labels`, the same tokenizer and image preprocessing, texts padded to `max_text_len`.
+
+    For reasoning the token-type table grows to 3 rows (text, image 1, image 2); the new row starts as
+    a copy of the image row, as DiDE does for the student's NLVR2 image tower.
+    """
+    labels = labels_for(task, labels)
+    if not 2 < max_text_len <= base.config.max_position_embeddings:
+        raise ValueError(f"max_text_len must be in 3..{base.config.max_position_embeddings}, got {max_text_len}")
+    cfg = ViltConfig.from_dict(
+        {
+            **base.config.to_dict(),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {a: i for i, a in enumerate(labels)},
+            "num_images": 2 if task == "reasoning" else -1,
+            "modality_type_vocab_size": max(3 if task == "reasoning" else 2, base.config.modality_type_vocab_size),
+            "architectures": None,
+        }
+    )
+    model = model_class(task)(cfg)
+    state = base.model.vilt.state_dict()
+    key = "embeddings.token_type_embeddings.weight"
+    old = state[key]
+    state[key] = torch.cat([old, old[1:2].expand(cfg.modality_type_vocab_size - len(old), -1)])
+    model.vilt.load_state_dict(state)
+    tokenizer = Tokenizer.from_str(base.text.tokenizer.to_str())
+    return Teacher(model, task, labels, base.image_spec, TextEncoder(tokenizer, max_text_len), data)
 
 
 def student_from_teacher(teacher: Teacher, text_layers: int | None = None) -> DualEncoderStudent:
@@ -274,3 +344,48 @@ def _copy_layer(dst: nn.Module, src: nn.Module) -> None:
     dst.attention.output.load_state_dict(a.output.dense.state_dict())
     dst.intermediate.load_state_dict(src.intermediate.dense.state_dict())
     dst.output.load_state_dict(src.output.dense.state_dict())
+
+
+def student_for_teacher(directory: str | Path, teacher: Teacher) -> DualEncoderStudent:
+    """A saved student (e.g. stage 1's, distilled on image-text matching) ready to distil `teacher`.
+
+    Both towers and the fusion MLP are kept; the head is new when the task or labels differ, and the
+    text positions follow the teacher's text length (new rows start fresh). Refused when the student's
+    tokenizer or tower shapes differ from the teacher's: distillation compares them token by token.
+    """
+    loaded = load_student(directory)
+    c, t = loaded.model.config, teacher.config
+    sizes = [
+        ("vocab size", c.vocab_size, t.vocab_size),
+        ("hidden size", c.hidden_size, t.hidden_size),
+        ("attention heads", c.num_heads, t.num_attention_heads),
+        ("image layers", c.num_layers, t.num_hidden_layers),
+        ("intermediate size", c.intermediate_size, t.intermediate_size),
+        ("image size", c.image_size, t.image_size),
+        ("patch size", c.patch_size, t.patch_size),
+    ]
+    mismatched = [f"{name} {a} (student) != {b} (teacher)" for name, a, b in sizes if a != b]
+    if _tokenizer_content(loaded.text.tokenizer) != _tokenizer_content(teacher.text.tokenizer):
+        mismatched.append("its tokenizer.json differs from the teacher's")
+    if mismatched:
+        raise ValueError(
+            f"the student in {directory} does not fit the teacher: {'; '.join(mismatched)}. Fine-tune the "
+            "teacher from the stage-1 teacher (dide-train teacher --init ITM_TEACHER) so both share its tokenizer"
+        )
+    same_head = (c.task, loaded.labels) == (teacher.task, teacher.labels)
+    cfg = replace(c, task=teacher.task, num_labels=len(teacher.labels), max_text_len=teacher.text.max_len)
+    if same_head and cfg == c:
+        return loaded.model
+    student = DualEncoderStudent(cfg)
+    state = {k: v for k, v in loaded.model.state_dict().items() if same_head or not k.startswith("classifier.")}
+    key, n = "text_tower.position_embeddings.weight", min(c.max_text_len, cfg.max_text_len)
+    state[key] = torch.cat([state[key][:n], student.state_dict()[key][n:]])
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("classifier.") for k in missing), (missing, unexpected)
+    return student
+
+
+def _tokenizer_content(tokenizer: Tokenizer) -> dict:
+    """tokenizer.json without the truncation and padding a TextEncoder sets for its text length."""
+    content = json.loads(tokenizer.to_str())
+    return {k: v for k, v in content.items() if k not in ("truncation", "padding")}

@@ -1,9 +1,16 @@
-"""`dide-train`: teacher fine-tuning, DiDE distillation and evaluation, one loop, torchrun-ready.
+"""`dide-train`: teacher fine-tuning, DiDE distillation (pre-training and fine-tuning) and evaluation, one loop.
 
 dide-train teacher --task vqa --data easy-vqa --size small --out runs/teacher
 dide-train distill --task vqa --data easy-vqa --teacher runs/teacher --out runs/student
 dide-train eval --model runs/student
 torchrun --nproc_per_node 2 -m training.train distill ...   (DistributedDataParallel; gloo on CPU)
+
+Two stages, as the paper: distil an image-text matching teacher on image-caption pairs, then a task teacher
+fine-tuned from it, into a student that starts from stage 1's:
+dide-train teacher --task itm --data easy-vqa --out runs/itm-teacher
+dide-train pretrain --teacher runs/itm-teacher --out runs/stage1
+dide-train teacher --task vqa --data easy-vqa --init runs/itm-teacher --out runs/teacher
+dide-train distill --task vqa --teacher runs/teacher --init runs/stage1 --out runs/student
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +37,20 @@ from tqdm import tqdm
 
 from training import losses
 from training.data import load_data
-from training.examples import TASKS, Example, TaskData, images_of, target_of, text_of
+from training.examples import TASKS, Example, PairExample, TaskData, images_of, target_of, text_of
 from training.student import DualEncoderStudent, atomic_directory, load_student, read_config, save_student
-from training.teacher import MAX_TEXT_LEN, SIZES, Teacher, build_teacher, load_teacher, student_from_teacher
+from training.teacher import (
+    MAX_TEXT_LEN,
+    SIZES,
+    Teacher,
+    build_teacher,
+    checkpoint_task,
+    load_teacher,
+    student_for_teacher,
+    student_from_teacher,
+    teacher_for_task,
+    text_length,
+)
 from training.tokenizer import train_wordpiece
 
 log = logging.getLogger(__name__)
@@ -41,7 +60,11 @@ log = logging.getLogger(__name__)
 
 
 class ExampleDataset(Dataset):
-    """Examples as tensors: token ids and mask (pre-tokenised), pixels (decoded once), target scores."""
+    """Examples as tensors: token ids and mask (pre-tokenised), pixels (decoded once), target scores.
+
+    Image-caption pairs also carry what `itm_pairs` needs to pick a negative: their image's and caption's
+    ids, and their hard negatives' token ids (K per example, the first `negative_count` real).
+    """
 
     def __init__(
         self,
@@ -70,6 +93,14 @@ class ExampleDataset(Dataset):
             except (OSError, ValueError) as e:
                 raise ValueError(f"{p}: {e}") from None
         self.rgb = torch.from_numpy(np.stack(rgb))  # (I, H, W, 3) uint8, shared by examples
+        if data.task == "itm":
+            captions = {c: i for i, c in enumerate(sorted({e.caption for e in self.examples}))}
+            self.caption_ids = torch.tensor([captions[e.caption] for e in self.examples])
+            self.negative_count = torch.tensor([len(e.negatives) for e in self.examples])
+            k = int(self.negative_count.max()) if self.examples else 0
+            padded = [t for e in self.examples for t in (*e.negatives, *[e.caption] * (k - len(e.negatives)))]
+            ids, mask = (torch.from_numpy(a) for a in text(padded))
+            self.negative_ids, self.negative_mask = (a.view(len(self.examples), k, text.max_len) for a in (ids, mask))
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -89,7 +120,55 @@ class ExampleDataset(Dataset):
         item["pixels"] = self.pixels(images[0])
         if len(images) == 2:
             item["pixels2"] = self.pixels(images[1])
+        if isinstance(self.examples[i], PairExample):
+            item["image_id"] = torch.tensor(self.image_index[images[0]])
+            item["caption_id"] = self.caption_ids[i]
+            item["negative_count"] = self.negative_count[i]
+            item["negative_ids"], item["negative_mask"] = self.negative_ids[i], self.negative_mask[i]  # (K, L)
         return item
+
+
+def itm_pairs(batch: dict[str, Tensor], generator: torch.Generator, p_hard: float = 0.5) -> dict[str, Tensor]:
+    """Matched and mismatched pairs from a batch of image-caption pairs, for image-text matching.
+
+    Each image comes with its caption (target 1) and with one negative (target 0): with probability
+    `p_hard` one of its hard negatives when it has any, else the caption of another image in the batch
+    (another image and another caption string); an image with neither gets no negative. The draws come
+    from `generator` only, so a seed fixes them.
+    """
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    image, caption, count = (batch[k].cpu() for k in ("image_id", "caption_id", "negative_count"))
+    hard = torch.rand(len(ids), generator=generator) < p_hard
+    neg_ids, neg_mask, rows = [], [], []
+    for i in range(len(ids)):
+        others = ((image != image[i]) & (caption != caption[i])).nonzero()[:, 0]
+        if count[i] > 0 and (hard[i] or len(others) == 0):
+            k = int(torch.randint(int(count[i]), (1,), generator=generator))
+            neg_ids.append(batch["negative_ids"][i, k])
+            neg_mask.append(batch["negative_mask"][i, k])
+        elif len(others) > 0:
+            j = int(others[torch.randint(len(others), (1,), generator=generator)])
+            neg_ids.append(ids[j])
+            neg_mask.append(mask[j])
+        else:
+            continue
+        rows.append(i)
+    rows_index = torch.tensor(rows, dtype=torch.long, device=ids.device)
+    target = batch["target"]  # (B, 1): every loaded pair matches
+    return {
+        "input_ids": torch.stack([*ids, *neg_ids]),  # (B + n, L)
+        "attention_mask": torch.stack([*mask, *neg_mask]),
+        "pixels": torch.cat([batch["pixels"], batch["pixels"][rows_index]]),
+        "target": torch.cat([target, target.new_zeros(len(rows), 1)]),
+    }
+
+
+def batch_maker(task: str, seed: int) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:
+    """What a step trains or evaluates on: the loaded batch, or for itm its matched and mismatched pairs."""
+    if task != "itm":
+        return lambda batch: batch
+    generator = torch.Generator().manual_seed(seed)
+    return lambda batch: itm_pairs(batch, generator)
 
 
 def augment_image(x: Tensor, hflip: bool) -> Tensor:
@@ -136,14 +215,18 @@ class LossWeights:
     i2t: bool = True
 
 
+# Tasks scored with a sigmoid per label (VQA's soft answers; ITM's one logit), the others with a softmax.
+SIGMOID_TASKS = ("vqa", "itm")
+
+
 def gt_loss(task: str, logits: Tensor, target: Tensor, label_smoothing: float) -> Tensor:
-    if task == "vqa":
+    if task in SIGMOID_TASKS:
         return losses.vqa_gt_loss(logits, target)
     return losses.ce_gt_loss(logits, target, label_smoothing)
 
 
 def pred_kd_loss(task: str, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    if task == "vqa":
+    if task in SIGMOID_TASKS:
         return losses.vqa_kd_loss(student_logits, teacher_logits)
     return losses.softmax_kd_loss(student_logits, teacher_logits)
 
@@ -347,17 +430,25 @@ def limit_train(data: TaskData, n: int | None, seed: int) -> TaskData:
     return data
 
 
+def all_texts(examples: list[Example]) -> list[str]:
+    """Every text the examples carry, image-caption pairs' hard negatives too."""
+    return [t for e in examples for t in (text_of(e), *(e.negatives if isinstance(e, PairExample) else ()))]
+
+
 def cmd_teacher(args) -> int:
     spec = args.data or "easy-vqa"
     data = limit_train(load_data(spec, args.task), args.max_train, args.seed)
-    if args.init:
+    texts = all_texts(data.train)
+    if args.init and args.task != "itm" and checkpoint_task(args.init) == "itm":
+        # Stage 2 from stage 1: the ITM teacher's ViLT and tokenizer, a new head, texts as long as these.
+        base = load_teacher(args.init)
+        max_len = text_length(base.text.tokenizer, texts, min(MAX_TEXT_LEN, base.config.max_position_embeddings))
+        teacher = teacher_for_task(base, args.task, data.labels, spec, max_len)
+    elif args.init:
         teacher = load_teacher(args.init, args.task, data=spec)
     else:
-        texts = [text_of(e) for e in data.train]
         tokenizer = train_wordpiece(texts, args.vocab_size)
-        # Pad to the longest training text (a multiple of 4), so no statement is cut and none pays for 40.
-        longest = max(len(e.ids) for e in tokenizer.encode_batch(texts))
-        max_len = min(MAX_TEXT_LEN, -(-longest // 4) * 4)
+        max_len = text_length(tokenizer, texts)
         teacher = build_teacher(args.size, args.task, data.labels, tokenizer, spec, args.dropout, max_len)
     train_set = ExampleDataset(data, "train", teacher.labels, teacher.text, teacher.image_spec, args.augment)
     model = teacher.model
@@ -368,17 +459,18 @@ def cmd_teacher(args) -> int:
         len(train_set),
     )
 
+    batches = batch_maker(args.task, args.seed)
+
     def step_fn(m, batch):
-        return teacher_step(m, teacher, batch, args.label_smoothing)
+        return teacher_step(m, teacher, batches(batch), args.label_smoothing)
 
     train_loop(args, model, step_fn, train_set, lambda: teacher.save(args.out))
     return 0
 
 
 def cmd_distill(args) -> int:
+    """DiDE distillation; `pretrain` is this with task itm (stage 1, on image-caption pairs)."""
     teacher = load_teacher(args.teacher, args.task, data=args.data)
-    if teacher.task != args.task:
-        raise ValueError(f"--teacher {args.teacher} is a {teacher.task} teacher, not {args.task}")
     data = limit_train(load_data(args.data or teacher.data, args.task), args.max_train, args.seed)
     teacher.model.requires_grad_(False).eval()
     if args.init == "teacher":
@@ -386,7 +478,7 @@ def cmd_distill(args) -> int:
     elif args.init == "scratch":
         student = DualEncoderStudent(student_from_teacher(teacher, args.text_layers).config)
     else:
-        student = load_student(args.init).model.train()
+        student = student_for_teacher(args.init, teacher).train()
     w = LossWeights(gt=args.w_gt, pred=args.w_pred, attn=args.w_attn, t2i=not args.no_t2i, i2t=not args.no_i2t)
     train_set = ExampleDataset(
         data, "train", teacher.labels, teacher.text, teacher.image_spec, args.augment, blind=args.blind
@@ -400,8 +492,10 @@ def cmd_distill(args) -> int:
     device = setup_distributed()
     teacher.model.to(device)
 
+    batches = batch_maker(args.task, args.seed)
+
     def step_fn(m, batch):
-        return distill_step(m, teacher, batch, args.task, w, args.label_smoothing)
+        return distill_step(m, teacher, batches(batch), args.task, w, args.label_smoothing)
 
     def save() -> None:
         save_student(
@@ -426,7 +520,10 @@ def evaluate_dir(
     limit: int | None = None,
     batch_size: int = 256,
 ) -> dict:
-    """Accuracy (and VQA score for VQAv2) of a teacher or student directory on a split."""
+    """Accuracy (and VQA score for VQAv2) of a teacher or student directory on a split.
+
+    For itm: each test pair with its caption and one negative (itm_pairs, a fixed seed); `n` counts both.
+    """
     meta = read_config(model_dir) if (Path(model_dir) / "config.json").is_file() else {}
     if meta.get("kind") == "student":
         loaded = load_student(model_dir)
@@ -453,13 +550,18 @@ def evaluate_dir(
     if limit:
         setattr(data, split, getattr(data, split)[:limit])
     ds = ExampleDataset(data, split, labels, text, spec, blind=blind)
+    batches = batch_maker(task, seed=0)
     correct, score, n = 0.0, 0.0, 0
     for batch in DataLoader(ds, batch_size=batch_size):
-        pred = forward(batch).argmax(-1)
-        got = batch["target"].gather(1, pred[:, None])[:, 0]
+        batch = batches(batch)
+        logits, target = forward(batch), batch["target"]
+        if task == "itm":  # one logit: right when its sign says whether the pair matches
+            got = (target[:, 0] > 0.5).eq(logits[:, 0] > 0).float()
+        else:
+            got = target.gather(1, logits.argmax(-1)[:, None])[:, 0]
         correct += float((got >= 1.0 - 1e-6).sum()) if task != "vqa" else float((got > 0).sum())
         score += float(got.sum())
-        n += len(pred)
+        n += len(got)
     result = {"accuracy": correct / max(n, 1), "n": n, "task": task, "data": spec_str, "split": split}
     if spec_str.startswith("vqav2"):
         result["vqa_score"] = score / max(n, 1)
@@ -479,13 +581,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dide-train", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser, train: bool = True) -> None:
-        sp.add_argument("--task", choices=TASKS, required=train, help="vqa, entailment or reasoning")
+    def common(sp: argparse.ArgumentParser, train: bool = True, task: bool = True) -> None:
+        if task:
+            sp.add_argument(
+                "--task", choices=TASKS, required=train, help="vqa, entailment, reasoning or itm (image-text matching)"
+            )
         sp.add_argument(
             "--data",
             default=None,
-            help="easy-vqa, scenes[:train=N,test=N,seed=S], vqav2:DIR, snli-ve:DIR or nlvr2:DIR "
-            "(default: teacher easy-vqa; distill and eval: the data the model was trained on)",
+            help="easy-vqa, scenes[:train=N,test=N,seed=S], vqav2:DIR, snli-ve:DIR, nlvr2:DIR; for itm also "
+            "coco:CAPTIONS_JSON[,images=DIR], pairs:FILE.tsv|FILE.jsonl "
+            "(default: teacher easy-vqa; distill, pretrain and eval: the data the model was trained on)",
         )
         if not train:
             return
@@ -516,30 +622,48 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("teacher", help="fine-tune a ViLT teacher with the ground-truth loss")
     common(t)
     t.add_argument("--size", choices=sorted(SIZES), default="small", help="from-scratch teacher size")
-    t.add_argument("--init", default=None, help="start from a HF ViLT checkpoint directory instead")
+    t.add_argument(
+        "--init",
+        default=None,
+        help="start from a teacher or HF ViLT checkpoint directory instead; from an itm teacher (stage 1) a "
+        "vqa, entailment or reasoning teacher gets a new head and keeps its ViLT weights and tokenizer",
+    )
     t.add_argument("--vocab-size", type=int, default=1000, help="WordPiece vocabulary for from-scratch models")
     t.add_argument("--dropout", type=float, default=0.1, help="dropout of a from-scratch teacher")
 
+    def distillation(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--teacher", required=True, help="a `dide-train teacher` output or a HF ViLT checkpoint dir")
+        sp.add_argument(
+            "--init",
+            default="teacher",
+            help="student initialisation: teacher (its weights), scratch, or a student directory (e.g. stage 1's "
+            "`pretrain` output: its towers and fusion, a new head for this task)",
+        )
+        sp.add_argument("--text-layers", type=int, default=None, help="a shallower text tower (default: teacher's)")
+        sp.add_argument("--w-gt", type=float, default=0.0, help="weight of the ground-truth loss (official: 0)")
+        sp.add_argument("--w-pred", type=float, default=1.0, help="weight of prediction distillation")
+        sp.add_argument("--w-attn", type=float, default=1.0, help="weight of cross-modal attention distillation")
+        sp.add_argument("--no-t2i", action="store_true", help="drop the text-to-image attention term")
+        sp.add_argument("--no-i2t", action="store_true", help="drop the image-to-text attention term")
+
     d = sub.add_parser("distill", help="DiDE: distil a teacher into a dual-encoder student")
     common(d)
-    d.add_argument("--teacher", required=True, help="a `dide-train teacher` output or a HF ViLT checkpoint dir")
-    d.add_argument(
-        "--init",
-        default="teacher",
-        help="student initialisation: teacher (its weights), scratch, or a student directory",
-    )
-    d.add_argument("--text-layers", type=int, default=None, help="a shallower text tower (default: teacher depth)")
-    d.add_argument("--w-gt", type=float, default=0.0, help="weight of the ground-truth loss (official: 0)")
-    d.add_argument("--w-pred", type=float, default=1.0, help="weight of prediction distillation")
-    d.add_argument("--w-attn", type=float, default=1.0, help="weight of cross-modal attention distillation")
-    d.add_argument("--no-t2i", action="store_true", help="drop the text-to-image attention term")
-    d.add_argument("--no-i2t", action="store_true", help="drop the image-to-text attention term")
+    distillation(d)
     d.add_argument(
         "--blind",
         choices=("image", "text"),
         default=None,
         help="baseline: blank the image (text-only) or the text (image-only)",
     )
+
+    pt = sub.add_parser(
+        "pretrain",
+        help="DiDE stage 1: distil an image-text matching teacher into a dual-encoder student on image-caption "
+        "pairs, each with a matched and a mismatched caption",
+    )
+    common(pt, task=False)
+    distillation(pt)
+    pt.set_defaults(task="itm", blind=None)
 
     e = sub.add_parser("eval", help="accuracy of a teacher or student on a split; prints one JSON object")
     common(e, train=False)
@@ -559,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
     try:
-        return {"teacher": cmd_teacher, "distill": cmd_distill, "eval": cmd_eval}[args.command](args)
+        commands = {"teacher": cmd_teacher, "distill": cmd_distill, "pretrain": cmd_distill, "eval": cmd_eval}
+        return commands[args.command](args)
     except (ValueError, OSError) as e:  # bad flags, data or checkpoints: a message, not a traceback
         print(f"dide-train: error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
-from training.annotations import AnnotationError, get_field, read_json, require_file, require_image
+from training.annotations import AnnotationError, get_field, read_record_lists, require_file, require_image
 from training.examples import TaskData, VQAExample
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def _read_split(root: Path, split: str) -> tuple[list[VQAExample], Counter]:
     q_path = require_file(root / f"v2_OpenEnded_mscoco_{split}_questions.json", LAYOUT)
     a_path = require_file(root / f"v2_mscoco_{split}_annotations.json", LAYOUT)
     annotations: dict[int, dict] = {}
-    for i, a in enumerate(_records(a_path, "annotations")):
+    for i, a in enumerate(read_record_lists(a_path, "annotations")[0]):
         where = f"{a_path}: annotations[{i}]"
         qid = get_field(a, "question_id", where, int)
         answers = get_field(a, "answers", where, list)
@@ -109,7 +109,7 @@ def _read_split(root: Path, split: str) -> tuple[list[VQAExample], Counter]:
     examples = []
     majorities: Counter = Counter()
     seen_images: dict[int, Path] = {}
-    for i, q in enumerate(_records(q_path, "questions")):
+    for i, q in enumerate(read_record_lists(q_path, "questions")[0]):
         where = f"{q_path}: questions[{i}]"
         qid = get_field(q, "question_id", where, int)
         image_id = get_field(q, "image_id", where, int)
@@ -123,16 +123,6 @@ def _read_split(root: Path, split: str) -> tuple[list[VQAExample], Counter]:
         examples.append(VQAExample(seen_images[image_id], question, annotation["answers"]))
         majorities[annotation["majority"]] += 1
     return examples, majorities
-
-
-def _records(path: Path, key: str) -> list:
-    data = read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get(key), list):
-        raise AnnotationError(f"{path}: expected a JSON object with a list under {key!r}")
-    for i, record in enumerate(data[key]):
-        if not isinstance(record, dict):
-            raise AnnotationError(f"{path}: {key}[{i}] is not a JSON object")
-    return data[key]
 
 
 def load_vqav2(
