@@ -5,6 +5,12 @@
 Runs `dide-train teacher`, then `dide-train distill` once per variant (same teacher, same init), then
 `dide-train eval` on the test split; writes bench/results/accuracy.json and accuracy.md, and with
 --readme replaces the README's accuracy table. Finished runs are kept and reused (delete --work to redo).
+
+With --two-stage, every teacher is fine-tuned from an image-text matching teacher trained on the same
+source's image-caption pairs (`teacher --task itm`, as ViLT is pre-trained before fine-tuning), that ITM
+teacher is distilled into a stage-1 student (`pretrain`), and the variant `dide-2stage` starts the
+fine-tuning distillation from that student; `dide` (from the teacher's weights) is then "fine-tuning
+distillation only". Both use the same task teacher.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ VARIANTS = {
     "dide-i2t": ["--no-t2i"],
     "text-only": ["--w-gt", "1", "--w-pred", "0", "--w-attn", "0", "--blind", "image"],
     "image-only": ["--w-gt", "1", "--w-pred", "0", "--w-attn", "0", "--blind", "text"],
+    "dide-2stage": ["--init", "{stage1}"],  # --two-stage only
 }
 COLUMNS = {
     "teacher": "teacher",
@@ -45,6 +52,7 @@ COLUMNS = {
     "dide-i2t": "attn KD i→t only",
     "text-only": "text-only",
     "image-only": "image-only",
+    "dide-2stage": "DiDE, both stages",
 }
 START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 
@@ -72,6 +80,7 @@ def evaluate(model: Path) -> dict:
 
 def run_dataset(name: str, args, work: Path) -> dict:
     task, data, teacher_flags = DATASETS[name]
+    data = args.scenes if data == "scenes" else data
     common = ["--batch-size", str(args.batch_size), "--threads", str(args.threads), "--log-every", "200"]
     if args.max_train:
         common += ["--max-train", str(args.max_train)]
@@ -81,6 +90,12 @@ def run_dataset(name: str, args, work: Path) -> dict:
         teacher = d / "teacher"
         t_argv = ["teacher", "--task", task, "--data", data, "--size", args.size, "--out", str(teacher),
                   "--epochs", str(args.teacher_epochs), "--seed", str(seed), *common, *teacher_flags]  # fmt: skip
+        stage1 = None
+        if args.two_stage:
+            stage1 = run_stage1(data, seed, args, work, common, rows)
+            if stage1 is None:
+                continue
+            t_argv += ["--init", str(stage1[0])]
         if args.collect and not teacher.exists():
             continue
         seconds = train(t_argv, teacher)
@@ -91,7 +106,7 @@ def run_dataset(name: str, args, work: Path) -> dict:
             out = d / variant
             s_argv = ["distill", "--task", task, "--teacher", str(teacher), "--out", str(out),
                       "--epochs", str(args.student_epochs), "--seed", str(seed),
-                      *common, *VARIANTS[variant]]  # fmt: skip
+                      *common, *(a.format(stage1=stage1 and stage1[1]) for a in VARIANTS[variant])]  # fmt: skip
             if args.collect and not out.exists():
                 continue
             seconds = train(s_argv, out)
@@ -112,6 +127,23 @@ def run_dataset(name: str, args, work: Path) -> dict:
             "n_seeds": len(accs),
         }
     return rows
+
+
+def run_stage1(data: str, seed: int, args, work: Path, common: list[str], rows: dict) -> tuple[Path, Path] | None:
+    """Stage 1 for one pairs source (shared by the tasks on it): the ITM teacher and its distilled student."""
+    d = work / f"itm-{data.replace(':', '-').replace(',', '-')}" / f"seed{seed}"
+    itm_teacher, stage1 = d / "itm-teacher", d / "stage1"
+    t_argv = ["teacher", "--task", "itm", "--data", data, "--size", args.size, "--out", str(itm_teacher),
+              "--epochs", str(args.itm_epochs), "--seed", str(seed), *common]  # fmt: skip
+    s_argv = ["pretrain", "--teacher", str(itm_teacher), "--out", str(stage1),
+              "--epochs", str(args.pretrain_epochs), "--seed", str(seed), *common]  # fmt: skip
+    for name, argv, out in (("itm-teacher", t_argv, itm_teacher), ("stage1", s_argv, stage1)):
+        if args.collect and not out.exists():
+            return None
+        seconds = train(argv, out)
+        result = {"seed": seed, **evaluate(out), "train_seconds": seconds, "command": "dide-train " + " ".join(argv)}
+        rows.setdefault("stage1", {}).setdefault(name, []).append(result)
+    return itm_teacher, stage1
 
 
 def markdown(report: dict) -> str:
@@ -137,6 +169,25 @@ def markdown(report: dict) -> str:
             else:
                 cells.append(f"{s['mean']:.3f}")
         lines.append(f"| {name} | {rows['task']} | " + " | ".join(cells) + " |")
+    if report.get("two_stage"):
+        lines += [
+            "",
+            "Two stages: each teacher was fine-tuned from an ITM teacher trained on the same source's "
+            "image-caption pairs; *DiDE (pred + attn KD)* is fine-tuning distillation only (student from the "
+            "task teacher's weights), *DiDE, both stages* starts from the stage-1 student. Stage 1, ITM accuracy "
+            "on held-out pairs (one matched, one mismatched caption per image):",
+            "",
+            "| data | ITM teacher | stage-1 student |",
+            "|---|---|---|",
+        ]
+        seen = set()
+        for rows in report["datasets"].values():
+            stage1 = rows.get("stage1", {})
+            if rows["data"] in seen or not stage1:
+                continue
+            seen.add(rows["data"])
+            accs = [stage1.get(k, [{}])[0].get("accuracy") for k in ("itm-teacher", "stage1")]
+            lines.append(f"| {rows['data']} | " + " | ".join("–" if a is None else f"{a:.3f}" for a in accs) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,7 +217,7 @@ def machine() -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=list(DATASETS), help="which datasets")
-    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS), help="student variants")
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="student variants (default: all)")
     p.add_argument("--size", default="mini", help="teacher size (see training/teacher.py SIZES)")
     p.add_argument("--teacher-epochs", type=int, default=3, help="teacher training epochs")
     p.add_argument("--student-epochs", type=int, default=2, help="student training epochs")
@@ -176,9 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (1 is robust on a busy machine)")
     p.add_argument("--work", default="runs/accuracy", help="where models are trained and kept")
     p.add_argument("--out", default="bench/results", help="where accuracy.json / accuracy.md go")
+    p.add_argument("--scenes", default="scenes", help="the scenes data spec, e.g. scenes:train=1000,test=300")
+    p.add_argument("--two-stage", action="store_true", help="teachers from ITM teachers; adds stage 1 (pretrain)")
+    p.add_argument("--itm-epochs", type=int, default=3, help="--two-stage: ITM teacher training epochs")
+    p.add_argument("--pretrain-epochs", type=int, default=2, help="--two-stage: stage-1 distillation epochs")
     p.add_argument("--collect", action="store_true", help="train nothing: evaluate the models already in --work")
     p.add_argument("--readme", default=None, help="README whose accuracy section is replaced")
     args = p.parse_args(argv)
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if v != "dide-2stage" or args.two_stage]
+    if "dide-2stage" in args.variants and not args.two_stage:
+        p.error("the dide-2stage variant needs --two-stage")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
     import transformers
@@ -195,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": args.seeds,
         "max_train": args.max_train,
         "variants": args.variants,
+        "two_stage": args.two_stage,
         "datasets": {},
     }
     out = Path(args.out)
