@@ -109,8 +109,9 @@ def latency_targets(latency: dict | None) -> list[dict]:
     best = max(candidates, key=candidates.get)
     trimmed = {v.rsplit(", ", 2)[1]: r["speedup_vs_teacher"] for v, r in rows.items() if v.endswith("padding trimmed")}
     trim_note = (
-        f"text padded to {latency['request']['text_len']} tokens as the service does; with the padding trimmed to "
-        f"the question's {latency['request']['tokens']}: " + ", ".join(f"{k} {x:.1f}x" for k, x in trimmed.items())
+        f"teacher and student text padded to {latency['request']['text_len']} tokens; the service trims padding to "
+        f"the longest question of a batch, which for this {latency['request']['tokens']}-token question gives: "
+        + ", ".join(f"{k} {x:.1f}x" for k, x in trimmed.items())
         if trimmed
         else ""
     )

@@ -104,7 +104,12 @@ def load_image(path: str | Path, spec: ImageSpec) -> np.ndarray:
 
 
 class TextEncoder:
-    """A `tokenizers` tokenizer with fixed-length padding: texts to (ids, mask), both int64 (B, L)."""
+    """A `tokenizers` tokenizer: texts to (ids, mask), both int64 (B, L).
+
+    L is `max_len` (fixed, as training pre-tokenises whole datasets), or with `trim` the longest text of
+    the call: attention masks the padding, so the result is the same and a short question stops paying
+    for max_len positions in the text tower (what the runtime does).
+    """
 
     def __init__(self, tokenizer: Tokenizer, max_len: int, max_chars: int = 1000) -> None:
         self.tokenizer = tokenizer
@@ -122,15 +127,16 @@ class TextEncoder:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, texts: list[str], trim: bool = False) -> tuple[np.ndarray, np.ndarray]:
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise TextError("the text is empty")
             if len(t) > self.max_chars:
                 raise TextError(f"the text is {len(t)} characters long, over the limit of {self.max_chars}")
         encodings = self.tokenizer.encode_batch(texts)
-        ids = np.full((len(texts), self.max_len), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(texts), self.max_len), dtype=np.int64)
+        length = max((len(e.ids) for e in encodings), default=1) if trim else self.max_len
+        ids = np.full((len(texts), length), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(texts), length), dtype=np.int64)
         for i, enc in enumerate(encodings):
             n = len(enc.ids)
             ids[i, :n] = enc.ids

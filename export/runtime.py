@@ -159,8 +159,10 @@ class Bundle:
         return self._image.run([IMAGE_OUTPUT], {"pixels": np.ascontiguousarray(pixels)})[0]
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Texts -> (input_ids, attention_mask), int64 (B, L); raises TextError for empty or long text."""
-        return self.text(texts)
+        """Texts -> (input_ids, attention_mask), int64 (B, L), L the longest text's tokens (<= max_text_len).
+
+        Raises TextError for empty or long text."""
+        return self.text(texts, trim=True)
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """Texts -> text embeddings (B, D) float32."""

@@ -50,10 +50,15 @@ def test_runtime_matches_torch_on_real_inputs(bundle: Bundle, tiny_student_dir: 
     assert pixels.shape == (8, 3, 32, 32) and pixels.dtype == np.float32
     assert np.array_equal(pixels[3], decode_image(blobs[3], loaded.image_spec))
     ids, mask = bundle.tokenize(questions)
-    assert ids.dtype == np.int64 and ids.shape == (8, 16)
+    longest = int(mask.sum(1).max())
+    assert ids.dtype == np.int64 and ids.shape == (8, longest) and longest < 16  # padded to the longest, not 16
+    padded_ids, padded_mask = loaded.text(questions)
+    assert padded_ids.shape == (8, 16) and np.array_equal(padded_ids[:, :longest], ids)
     logits = bundle.head(bundle.encode_texts(questions), bundle.encode_images(pixels))
-    with torch.no_grad():
-        expected = loaded.model(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pixels)).numpy()
+    with torch.no_grad():  # the reference runs at the full padded length: trimming changes nothing
+        expected = loaded.model(
+            torch.from_numpy(padded_ids), torch.from_numpy(padded_mask), torch.from_numpy(pixels)
+        ).numpy()
     assert logits.shape == (8, 13)
     np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
     assert (logits.argmax(1) == expected.argmax(1)).all()
