@@ -54,7 +54,11 @@ COLUMNS = {
     "image-only": "image-only",
     "dide-2stage": "DiDE, both stages",
 }
-START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The README section a report named `name` replaces."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
 def train(argv: list[str], out: Path) -> float:
@@ -96,6 +100,8 @@ def run_dataset(name: str, args, work: Path) -> dict:
             if stage1 is None:
                 continue
             t_argv += ["--init", str(stage1[0])]
+        if args.teacher:
+            teacher, t_argv = Path(args.teacher), ["(given)", args.teacher]
         if args.collect and not teacher.exists():
             continue
         seconds = train(t_argv, teacher)
@@ -148,8 +154,11 @@ def run_stage1(data: str, seed: int, args, work: Path, common: list[str], rows: 
 
 def markdown(report: dict) -> str:
     cols = ["teacher", *report["variants"]]
+    teacher = (
+        f"teacher `{report['teacher']}`" if report.get("teacher") else f"teacher {report['teacher_epochs']} epochs"
+    )
     lines = [
-        f"Test accuracy, size `{report['size']}`, teacher {report['teacher_epochs']} epochs, students "
+        f"Test accuracy, size `{report['size']}`, {teacher}, students "
         f"{report['student_epochs']} epochs, {report['max_train'] or 'all'} training examples per task, "
         f"{report['seeds']} seed(s) (mean; [min, max] over seeds when > 1). "
         f"Measured {report['date']} on {report['machine']['cpu']} ({report['machine']['cores']} cores); "
@@ -191,13 +200,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path: Path, body: str) -> None:
+def replace_section(path: Path, body: str, name: str = "accuracy") -> None:
+    start, end = markers(name)
     text = path.read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{path} has no {START} ... {END} section to replace")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{START}\n{body}{END}{tail}")
+    if start not in text or end not in text:
+        raise ValueError(f"{path} has no {start} ... {end} section to replace")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{body}{end}{tail}")
 
 
 def machine() -> dict:
@@ -226,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train", type=int, default=None, help="train on a seeded subset of N examples per task")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (1 is robust on a busy machine)")
     p.add_argument("--work", default="runs/accuracy", help="where models are trained and kept")
-    p.add_argument("--out", default="bench/results", help="where accuracy.json / accuracy.md go")
+    p.add_argument("--out", default="bench/results", help="where NAME.json / NAME.md go")
+    p.add_argument("--name", default="accuracy", help="report name: NAME.json, NAME.md, README <!-- NAME:start -->")
+    p.add_argument(
+        "--teacher", default=None, help="use this trained teacher (one dataset, one seed) instead of training"
+    )
     p.add_argument("--scenes", default="scenes", help="the scenes data spec, e.g. scenes:train=1000,test=300")
     p.add_argument("--two-stage", action="store_true", help="teachers from ITM teachers; adds stage 1 (pretrain)")
     p.add_argument("--itm-epochs", type=int, default=3, help="--two-stage: ITM teacher training epochs")
@@ -234,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collect", action="store_true", help="train nothing: evaluate the models already in --work")
     p.add_argument("--readme", default=None, help="README whose accuracy section is replaced")
     args = p.parse_args(argv)
+    if args.teacher and (len(args.datasets) != 1 or args.seeds != 1 or args.two_stage):
+        p.error("--teacher takes one dataset, one seed and no --two-stage")
     if args.variants is None:
         args.variants = [v for v in VARIANTS if v != "dide-2stage" or args.two_stage]
     if "dide-2stage" in args.variants and not args.two_stage:
@@ -255,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_train": args.max_train,
         "variants": args.variants,
         "two_stage": args.two_stage,
+        "teacher": args.teacher,
         "datasets": {},
     }
     out = Path(args.out)
@@ -262,10 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.datasets:
         report["datasets"][name] = run_dataset(name, args, Path(args.work))
         report["wall_seconds"] = time.time() - t0
-        (out / "accuracy.json").write_text(json.dumps(report, indent=2))  # partial results survive a stop
-        (out / "accuracy.md").write_text(markdown(report))
+        (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))  # partial results survive a stop
+        (out / f"{args.name}.md").write_text(markdown(report))
     if args.readme:
-        replace_section(Path(args.readme), markdown(report))
+        replace_section(Path(args.readme), markdown(report), args.name)
     print(markdown(report))
     return 0
 

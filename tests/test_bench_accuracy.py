@@ -14,15 +14,17 @@ pytestmark = pytest.mark.slow
 def test_two_stage_ablation_writes_json_markdown_and_readme(tmp_path, monkeypatch):
     monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{accuracy.START}\nold\n{accuracy.END}\nrest\n")
+    start, end = accuracy.markers("two-stage")
+    readme.write_text(f"intro\n{start}\nold\n{end}\nrest\n")
     out = tmp_path / "results"
     argv = ["--datasets", "scenes-vqa", "--variants", "dide", "dide-2stage", "--size", "tiny",
             "--scenes", "scenes:train=12,test=8,seed=0", "--teacher-epochs", "1", "--student-epochs", "1",
             "--itm-epochs", "1", "--pretrain-epochs", "1", "--batch-size", "8", "--two-stage",
-            "--work", str(tmp_path / "work"), "--out", str(out), "--readme", str(readme)]  # fmt: skip
+            "--work", str(tmp_path / "work"), "--out", str(out),
+            "--readme", str(readme), "--name", "two-stage"]  # fmt: skip
     assert accuracy.main(argv) == 0
 
-    report = json.loads((out / "accuracy.json").read_text())
+    report = json.loads((out / "two-stage.json").read_text())
     rows = report["datasets"]["scenes-vqa"]
     assert set(rows["runs"]) == {"teacher", "dide", "dide-2stage"}
     assert set(rows["stage1"]) == {"itm-teacher", "stage1"}
@@ -32,7 +34,7 @@ def test_two_stage_ablation_writes_json_markdown_and_readme(tmp_path, monkeypatc
     assert "--init" in rows["runs"]["teacher"][0]["command"]  # the task teacher starts from the ITM teacher
     for runs in rows["runs"].values():
         assert 0.0 <= runs[0]["accuracy"] <= 1.0 and runs[0]["n"] > 0
-    table = (out / "accuracy.md").read_text()
+    table = (out / "two-stage.md").read_text()
     assert "DiDE, both stages" in table and "stage-1 student" in table
     assert table in readme.read_text() and "old" not in readme.read_text()
 
@@ -40,3 +42,24 @@ def test_two_stage_ablation_writes_json_markdown_and_readme(tmp_path, monkeypatc
 def test_two_stage_variant_needs_two_stage(tmp_path):
     with pytest.raises(SystemExit):
         accuracy.main(["--variants", "dide-2stage", "--work", str(tmp_path)])
+
+
+def test_a_given_teacher_is_used_not_trained(tmp_path, monkeypatch):
+    from training.train import main as dide_train
+
+    monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
+    tiny_teacher_dir = tmp_path / "given-teacher"
+    data = "scenes:train=4,test=32,seed=0"
+    assert dide_train(["teacher", "--task", "vqa", "--data", data, "--size", "tiny", "--epochs", "1",
+                       "--batch-size", "8", "--out", str(tiny_teacher_dir)]) == 0  # fmt: skip
+    out = tmp_path / "results"
+    argv = ["--datasets", "scenes-vqa", "--variants", "pred-kd", "--size", "tiny", "--teacher", str(tiny_teacher_dir),
+            "--scenes", data, "--student-epochs", "1", "--batch-size", "8",
+            "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    assert accuracy.main(argv) == 0
+    report = json.loads((out / "accuracy.json").read_text())
+    assert report["teacher"] == str(tiny_teacher_dir)
+    assert not (tmp_path / "work" / "scenes-vqa" / "seed0" / "teacher").exists()
+    runs = report["datasets"]["scenes-vqa"]["runs"]
+    assert str(tiny_teacher_dir) in runs["pred-kd"][0]["command"] and runs["teacher"][0]["n"] > 0
+    assert f"teacher `{tiny_teacher_dir}`" in (out / "accuracy.md").read_text()
