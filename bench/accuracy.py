@@ -247,7 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-epochs", type=int, default=2, help="--two-stage: stage-1 distillation epochs")
     p.add_argument("--collect", action="store_true", help="train nothing: evaluate the models already in --work")
     p.add_argument("--readme", default=None, help="README whose accuracy section is replaced")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="train nothing: one report from these reports' datasets")
     args = p.parse_args(argv)
+    if args.merge:
+        report = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        write_report(report, Path(args.out), args.name, args.readme)
+        print(markdown(report))
+        return 0
     if args.teacher and (len(args.datasets) != 1 or args.seeds != 1 or args.two_stage):
         p.error("--teacher takes one dataset, one seed and no --two-stage")
     if args.variants is None:
@@ -274,17 +280,39 @@ def main(argv: list[str] | None = None) -> int:
         "teacher": args.teacher,
         "datasets": {},
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for name in args.datasets:
         report["datasets"][name] = run_dataset(name, args, Path(args.work))
         report["wall_seconds"] = time.time() - t0
-        (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))  # partial results survive a stop
-        (out / f"{args.name}.md").write_text(markdown(report))
-    if args.readme:
-        replace_section(Path(args.readme), markdown(report), args.name)
+        write_report(report, Path(args.out), args.name)  # partial results survive a stop
+    write_report(report, Path(args.out), args.name, args.readme)
     print(markdown(report))
     return 0
+
+
+def write_report(report: dict, out: Path, name: str, readme: str | None = None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.md").write_text(markdown(report))
+    if readme:
+        replace_section(Path(readme), markdown(report), name)
+
+
+def merge(reports: list[dict]) -> dict:
+    """Reports of the same settings run as separate processes (e.g. one per dataset) as one report."""
+    settings = ("size", "teacher_epochs", "student_epochs", "seeds", "max_train", "two_stage", "teacher")
+    first = reports[0]
+    for r in reports[1:]:
+        differ = [k for k in settings if r.get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"cannot merge reports whose settings differ: {', '.join(differ)}")
+    variants = {v for r in reports for v in r["variants"]}
+    return {
+        **first,
+        "command": " ; ".join(r["command"] for r in reports),
+        "variants": [v for v in VARIANTS if v in variants],
+        "datasets": {k: v for r in reports for k, v in r["datasets"].items()},
+        "wall_seconds": sum(r.get("wall_seconds", 0.0) for r in reports),
+    }
 
 
 if __name__ == "__main__":

@@ -8,9 +8,8 @@ import pytest
 
 from bench import accuracy
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_two_stage_ablation_writes_json_markdown_and_readme(tmp_path, monkeypatch):
     monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
     readme = tmp_path / "README.md"
@@ -44,6 +43,7 @@ def test_two_stage_variant_needs_two_stage(tmp_path):
         accuracy.main(["--variants", "dide-2stage", "--work", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_a_given_teacher_is_used_not_trained(tmp_path, monkeypatch):
     from training.train import main as dide_train
 
@@ -63,3 +63,32 @@ def test_a_given_teacher_is_used_not_trained(tmp_path, monkeypatch):
     runs = report["datasets"]["scenes-vqa"]["runs"]
     assert str(tiny_teacher_dir) in runs["pred-kd"][0]["command"] and runs["teacher"][0]["n"] > 0
     assert f"teacher `{tiny_teacher_dir}`" in (out / "accuracy.md").read_text()
+
+
+def report(dataset: str, accuracy_: float, **settings) -> dict:
+    run = {"seed": 0, "accuracy": accuracy_, "n": 10, "command": f"dide-train ... {dataset}"}
+    return {
+        "date": "2026-12-01", "command": f"python -m bench.accuracy --datasets {dataset}",
+        "machine": {"cpu": "cpu", "cores": 2}, "size": "mini", "teacher_epochs": 6, "student_epochs": 3,
+        "seeds": 1, "max_train": 8000, "two_stage": False, "teacher": None, "variants": ["dide"],
+        "datasets": {dataset: {"task": "vqa", "data": dataset, "runs": {"teacher": [run], "dide": [run]},
+                               "summary": {"teacher": {"mean": accuracy_, "min": accuracy_, "max": accuracy_,
+                                                       "n_seeds": 1}}}},
+        "wall_seconds": 5.0,
+    } | settings  # fmt: skip
+
+
+def test_merge_joins_reports_of_the_same_settings(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(report("easy-vqa", 0.5)))
+    b.write_text(json.dumps(report("scenes-vqa", 0.25, variants=["pred-kd", "dide"])))
+    assert accuracy.main(["--merge", str(a), str(b), "--out", str(tmp_path), "--name", "merged"]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert list(merged["datasets"]) == ["easy-vqa", "scenes-vqa"] and merged["variants"] == ["pred-kd", "dide"]
+    assert merged["wall_seconds"] == 10.0 and "--datasets easy-vqa ; " in merged["command"]
+    table = (tmp_path / "merged.md").read_text()
+    assert "| easy-vqa | vqa | 0.500 |" in table and "| scenes-vqa | vqa | 0.250 |" in table
+
+    b.write_text(json.dumps(report("scenes-vqa", 0.25, size="small")))
+    with pytest.raises(SystemExit, match="settings differ: size"):
+        accuracy.main(["--merge", str(a), str(b), "--out", str(tmp_path)])
