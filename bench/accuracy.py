@@ -25,6 +25,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.measure import markers, replace_section
+
 log = logging.getLogger(__name__)
 
 DATASETS = {
@@ -54,11 +56,6 @@ COLUMNS = {
     "image-only": "image-only",
     "dide-2stage": "DiDE, both stages",
 }
-
-
-def markers(name: str) -> tuple[str, str]:
-    """The README section a report named `name` replaces."""
-    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 
 
 def train(argv: list[str], out: Path) -> float:
@@ -200,16 +197,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path: Path, body: str, name: str = "accuracy") -> None:
-    start, end = markers(name)
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise ValueError(f"{path} has no {start} ... {end} section to replace")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{body}{end}{tail}")
-
-
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -250,12 +237,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", nargs="+", metavar="JSON", help="train nothing: one report from these reports' datasets")
     args = p.parse_args(argv)
     if args.merge:
-        report = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        reports = []
+        for f in args.merge:
+            try:
+                reports.append(json.loads(Path(f).read_text()))
+            except (OSError, ValueError) as e:
+                p.error(f"--merge {f}: cannot read a report: {e}")
+        report = merge(reports)
         write_report(report, Path(args.out), args.name, args.readme)
         print(markdown(report))
         return 0
     if args.teacher and (len(args.datasets) != 1 or args.seeds != 1 or args.two_stage):
         p.error("--teacher takes one dataset, one seed and no --two-stage")
+    if args.teacher and not Path(args.teacher).is_dir():
+        p.error(f"--teacher {args.teacher}: not a directory (a `dide-train teacher` output)")
     if args.variants is None:
         args.variants = [v for v in VARIANTS if v != "dide-2stage" or args.two_stage]
     if "dide-2stage" in args.variants and not args.two_stage:
@@ -293,8 +288,8 @@ def write_report(report: dict, out: Path, name: str, readme: str | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
     (out / f"{name}.md").write_text(markdown(report))
-    if readme:
-        replace_section(Path(readme), markdown(report), name)
+    if readme and not replace_section(Path(readme), markdown(report), name):
+        raise ValueError(f"{readme} has no {' ... '.join(markers(name))} section to replace")
 
 
 def merge(reports: list[dict]) -> dict:

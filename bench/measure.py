@@ -20,6 +20,23 @@ log = logging.getLogger(__name__)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def markers(name: str) -> tuple[str, str]:
+    """The README section a report named `name` owns: <!-- name:start --> ... <!-- name:end -->."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def replace_section(path: Path, body: str, name: str) -> bool:
+    """Replace the text between `name`'s markers; False (nothing written) when the file has none."""
+    start, end = markers(name)
+    text = path.read_text()
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{body}{end}{tail}")
+    return True
+
+
 def cpu_model() -> str:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:

@@ -23,13 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench.measure import RESULTS, header, write_json
+from bench.measure import RESULTS, header, markers, replace_section, write_json
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ("latency", "flops", "load", "cache")
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+START, END = markers("bench")
 TITLES = {
     "latency": "1. Per-request latency: teacher vs student, torch vs ONNX Runtime",
     "load": "2. Service under load (open-loop)",
@@ -381,17 +381,6 @@ def readme_section(summary: dict, out: Path, readme: Path) -> str:
     return "\n".join(lines)
 
 
-def replace_section(path: Path, body: str) -> bool:
-    """Replace the text between the bench markers; False (nothing written) when the file has no markers."""
-    text = path.read_text()
-    if START not in text or END not in text:
-        return False
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{START}\n{body}{END}{tail}")
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="every benchmark's quick mode (<= 15 min on 2 cores)")
@@ -430,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "report.md").write_text(report_markdown(summary, results, args.out))
     log.info("wrote %s", args.out / "report.md")
     if args.readme.is_file():
-        if replace_section(args.readme, readme_section(summary, args.out, args.readme)):
+        if replace_section(args.readme, readme_section(summary, args.out, args.readme), "bench"):
             log.info("refreshed the results section of %s", args.readme)
         else:
             log.warning("%s has no %s ... %s markers: README not changed", args.readme, START, END)

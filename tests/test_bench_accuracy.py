@@ -7,13 +7,14 @@ import json
 import pytest
 
 from bench import accuracy
+from bench.measure import markers
 
 
 @pytest.mark.slow
 def test_two_stage_ablation_writes_json_markdown_and_readme(tmp_path, monkeypatch):
     monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
     readme = tmp_path / "README.md"
-    start, end = accuracy.markers("two-stage")
+    start, end = markers("two-stage")
     readme.write_text(f"intro\n{start}\nold\n{end}\nrest\n")
     out = tmp_path / "results"
     argv = ["--datasets", "scenes-vqa", "--variants", "dide", "dide-2stage", "--size", "tiny",
@@ -38,9 +39,17 @@ def test_two_stage_ablation_writes_json_markdown_and_readme(tmp_path, monkeypatc
     assert table in readme.read_text() and "old" not in readme.read_text()
 
 
-def test_two_stage_variant_needs_two_stage(tmp_path):
-    with pytest.raises(SystemExit):
-        accuracy.main(["--variants", "dide-2stage", "--work", str(tmp_path)])
+def test_bad_flags_are_refused_with_a_message(tmp_path, capsys):
+    for argv, message in (
+        (["--variants", "dide-2stage"], "the dide-2stage variant needs --two-stage"),
+        (["--datasets", "easy-vqa", "--teacher", str(tmp_path / "nowhere")], "not a directory"),
+        (["--datasets", "easy-vqa", "scenes-vqa", "--teacher", str(tmp_path)], "--teacher takes one dataset"),
+        (["--merge", str(tmp_path / "missing.json")], "cannot read a report"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            accuracy.main([*argv, "--work", str(tmp_path)])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
 
 
 @pytest.mark.slow
