@@ -251,6 +251,15 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 60) -> None
         time.sleep(0.005)
 
 
+def wait_for_rows(root: Path, mid: str, rows: int, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    store = EmbeddingStore.open(root, mid, None)
+    while len(store) < rows and process.poll() is None:
+        assert time.monotonic() < deadline, f"only {len(store)} of {rows} rows committed"
+        time.sleep(0.005)
+        store.refresh()
+
+
 @pytest.fixture(scope="module")
 def kill_set(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Expected:
     """60 easy-VQA images, 4 copies of them under other names and 2 undecodable files; one uninterrupted build."""
@@ -308,7 +317,11 @@ def test_kill_9_at_random_points_of_a_build_then_rerun(tiny_bundle: Path, kill_s
         process = cli(*build_args(tiny_bundle, kill_set.listing, root))
         try:
             wait_for(root / mid / "manifest.json", process)
-            time.sleep(rng.uniform(0.0, 1.1 * kill_set.write_phase_s))
+            if i % 4 == 0:  # anywhere in the run: before the first commit, between commits, or after the end
+                time.sleep(rng.uniform(0.0, 1.1 * kill_set.write_phase_s))
+            else:  # mid-build whatever this machine's speed: after a random committed row count, then a jitter
+                wait_for_rows(root, mid, rng.randint(1, KILL_IMAGES - KILL_BATCH), process)
+                time.sleep(rng.uniform(0.0, kill_set.write_phase_s * KILL_BATCH / KILL_IMAGES))
             seen = len(EmbeddingStore.open(root, mid, None))  # committed rows a reader saw before the kill
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=30)
