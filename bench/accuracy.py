@@ -62,6 +62,7 @@ def train(argv: list[str], out: Path) -> float:
     """Train unless `out` exists; the wall time is kept beside the model so a rerun reports it too."""
     timing = out.with_name(out.name + ".seconds")
     if not out.exists():
+        out.with_name(out.name + ".eval.json").unlink(missing_ok=True)  # an evaluation of an earlier model
         t0 = time.time()
         log.info("$ dide-train %s", " ".join(argv))
         subprocess.run([sys.executable, "-m", "training.train", *argv], check=True)
@@ -70,13 +71,24 @@ def train(argv: list[str], out: Path) -> float:
 
 
 def evaluate(model: Path) -> dict:
+    """`dide-train eval`, kept beside the model (MODEL.eval.json): a rerun or a --collect reads it back.
+
+    So one report can gather models that parallel processes trained and evaluated in the same --work.
+    """
+    kept = model.with_name(model.name + ".eval.json")
+    if kept.exists():
+        return json.loads(kept.read_text())
     out = subprocess.run(
         [sys.executable, "-m", "training.train", "eval", "--model", str(model)],
         check=True,
         capture_output=True,
         text=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    tmp = kept.with_name(kept.name + ".tmp")
+    tmp.write_text(json.dumps(result) + "\n")
+    tmp.replace(kept)  # a kill leaves the old file or none, never half of one
+    return result
 
 
 def run_dataset(name: str, args, work: Path) -> dict:
@@ -102,9 +114,11 @@ def run_dataset(name: str, args, work: Path) -> dict:
         if args.collect and not teacher.exists():
             continue
         seconds = train(t_argv, teacher)
-        rows["runs"].setdefault("teacher", []).append(
-            {"seed": seed, **evaluate(teacher), "train_seconds": seconds, "command": "dide-train " + " ".join(t_argv)}
-        )
+        if not (args.teacher and seed):  # a given teacher is one model: evaluated once, whatever the student seeds
+            command = "dide-train " + " ".join(t_argv)
+            rows["runs"].setdefault("teacher", []).append(
+                {"seed": seed, **evaluate(teacher), "train_seconds": seconds, "command": command}
+            )
         for variant in args.variants:
             out = d / variant
             s_argv = ["distill", "--task", task, "--teacher", str(teacher), "--out", str(out),
@@ -226,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/results", help="where NAME.json / NAME.md go")
     p.add_argument("--name", default="accuracy", help="report name: NAME.json, NAME.md, README <!-- NAME:start -->")
     p.add_argument(
-        "--teacher", default=None, help="use this trained teacher (one dataset, one seed) instead of training"
+        "--teacher", default=None, help="use this trained teacher (one dataset; seeds vary the students only)"
     )
     p.add_argument("--scenes", default="scenes", help="the scenes data spec, e.g. scenes:train=1000,test=300")
     p.add_argument("--two-stage", action="store_true", help="teachers from ITM teachers; adds stage 1 (pretrain)")
@@ -247,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         write_report(report, Path(args.out), args.name, args.readme)
         print(markdown(report))
         return 0
-    if args.teacher and (len(args.datasets) != 1 or args.seeds != 1 or args.two_stage):
-        p.error("--teacher takes one dataset, one seed and no --two-stage")
+    if args.teacher and (len(args.datasets) != 1 or args.two_stage):
+        p.error("--teacher takes one dataset and no --two-stage")
     if args.teacher and not Path(args.teacher).is_dir():
         p.error(f"--teacher {args.teacher}: not a directory (a `dide-train teacher` output)")
     if args.variants is None:

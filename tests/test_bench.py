@@ -200,3 +200,25 @@ def test_run_report_and_readme_match_the_json(results: Path, tmp_path: Path) -> 
     without.write_text("no markers\n")
     assert run.main(["--report-only", "--out", str(results), "--readme", str(without)]) == 0
     assert without.read_text() == "no markers\n"
+
+
+def test_accuracy_targets_leave_out_tasks_whose_teacher_is_at_chance() -> None:
+    def summary(**means: float) -> dict:
+        return {k.replace("_", "-"): {"mean": v, "min": v, "max": v, "n_seeds": 1} for k, v in means.items()}
+
+    chance = {"task": "entailment", "summary": summary(teacher=0.334, dide=0.334, pred_kd=0.334, text_only=0.334)}
+    learned = {"task": "reasoning", "summary": summary(teacher=0.9, dide=0.85, pred_kd=0.83, image_only=0.6)}
+    vqa = {"task": "vqa", "summary": summary(teacher=0.8, dide=0.795)}
+    base = {"size": "small", "max_train": 6400, "student_epochs": 1}
+    reports = [
+        ("accuracy", {**base, "datasets": {"scenes-entailment": chance, "scenes-reasoning": learned}}),
+        ("accuracy-x", {**base, "datasets": {"easy-vqa": vqa}}),
+    ]
+    gap, gain = run.accuracy_targets(reports)
+    assert gap["status"] == "missed" and "+5.0 pt below" in gap["measured"] and "+0.5 pt below" in gap["measured"]
+    assert "scenes-entailment" not in gap["measured"] and "left out, scenes-entailment" in gap["note"]
+    assert "chance 0.333" in gap["note"] and "text-only 0.334" in gap["note"]
+    assert gain["status"] == "met" and "+2.0 pt" in gain["measured"]  # only the informative relational task counts
+    _, gain = run.accuracy_targets([("accuracy", {**base, "datasets": {"scenes-entailment": chance}})])
+    assert gain["status"] == "measured, not informative"
+    assert [t["status"] for t in run.accuracy_targets([])] == ["not measured", "not measured"]

@@ -53,7 +53,7 @@ def test_bad_flags_are_refused_with_a_message(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_given_teacher_is_used_not_trained(tmp_path, monkeypatch):
+def test_a_given_teacher_is_used_not_trained_and_seeds_vary_the_students(tmp_path, monkeypatch):
     from training.train import main as dide_train
 
     monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
@@ -63,7 +63,7 @@ def test_a_given_teacher_is_used_not_trained(tmp_path, monkeypatch):
                        "--batch-size", "8", "--out", str(tiny_teacher_dir)]) == 0  # fmt: skip
     out = tmp_path / "results"
     argv = ["--datasets", "scenes-vqa", "--variants", "pred-kd", "--size", "tiny", "--teacher", str(tiny_teacher_dir),
-            "--scenes", data, "--student-epochs", "1", "--batch-size", "8",
+            "--scenes", data, "--student-epochs", "1", "--batch-size", "8", "--seeds", "2",
             "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
     assert accuracy.main(argv) == 0
     report = json.loads((out / "accuracy.json").read_text())
@@ -71,7 +71,15 @@ def test_a_given_teacher_is_used_not_trained(tmp_path, monkeypatch):
     assert not (tmp_path / "work" / "scenes-vqa" / "seed0" / "teacher").exists()
     runs = report["datasets"]["scenes-vqa"]["runs"]
     assert str(tiny_teacher_dir) in runs["pred-kd"][0]["command"] and runs["teacher"][0]["n"] > 0
+    assert len(runs["teacher"]) == 1 and [r["seed"] for r in runs["pred-kd"]] == [0, 1]  # one teacher, 2 students
+    assert report["datasets"]["scenes-vqa"]["summary"]["pred-kd"]["n_seeds"] == 2
     assert f"teacher `{tiny_teacher_dir}`" in (out / "accuracy.md").read_text()
+    # Each evaluation is kept beside its model: --collect gathers the same report without training or evaluating.
+    assert (tmp_path / "work" / "scenes-vqa" / "seed1" / "pred-kd.eval.json").is_file()
+    (tmp_path / "work" / "scenes-vqa" / "seed1" / "pred-kd" / "model.safetensors").unlink()  # eval would fail now
+    assert accuracy.main([*argv, "--collect", "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "accuracy.json").read_text())
+    assert again["datasets"]["scenes-vqa"]["runs"] == runs
 
 
 def report(dataset: str, accuracy_: float, **settings) -> dict:
