@@ -76,17 +76,18 @@ def validation_message(errors: list[Any], limit: int = 5) -> str:
 
 
 # --- dependencies ------------------------------------------------------------------------------------------
+# All async: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per dependency per request.
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -98,7 +99,7 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="
 _bearer = HTTPBearer(auto_error=False, description="An API key as a bearer token (when keys are configured).")
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep,
     api_key: Annotated[str | None, Security(_api_key_header)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
@@ -117,7 +118,7 @@ def require_api_key(
         raise ApiError(401, "unauthorized", "the API key is not valid")
 
 
-def require_ready(request: Request, engine: EngineDep) -> None:
+async def require_ready(request: Request, engine: EngineDep) -> None:
     if not engine.ready:
         raise ApiError(
             503,

@@ -141,7 +141,11 @@ def test_every_key_is_compared_in_constant_time_without_early_exit(
 def test_key_comparison_in_the_source_is_hmac_only() -> None:
     source = Path(routes.__file__).read_text()
     tree = ast.parse(source)
-    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "require_api_key")
+    fn = next(
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == "require_api_key"
+    )
     body = ast.unparse(fn)
     assert "hmac.compare_digest" in body
     compares = [ast.unparse(n) for n in ast.walk(fn) if isinstance(n, ast.Compare)]
