@@ -6,7 +6,6 @@ import asyncio
 import json
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
@@ -147,10 +146,13 @@ def test_generator_is_open_loop() -> None:
 
     async def scenario() -> tuple[list[load.Outcome], list[float], list[load.Outcome]]:
         server, port = await _slow_server(0.3)
-        async with server, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        async with server:
+            client = load.RawClient(f"http://127.0.0.1:{port}", 64)
             times = load.arrival_times(40.0, 0.5, 100, "fixed")
             wide, lags = await load.open_loop(client, "/x", lambda i: b"{}", times, connections=64, drain_s=5.0)
             narrow, _ = await load.open_loop(client, "/x", lambda i: b"{}", times, connections=2, drain_s=0.5)
+            assert await client.request("GET", "/x") == 200  # connections cut by the drain were replaced
+            await client.aclose()
         return wide, lags, narrow
 
     wide, lags, narrow = asyncio.run(scenario())
