@@ -103,16 +103,29 @@ class RawClient:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
         return head.encode() + b"\r\n" + body
 
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._open.add(writer)
+        return reader, writer
+
     async def _exchange(self, raw: bytes) -> int:
-        if self._idle:
-            reader, writer = self._idle.pop()
-        else:
-            reader, writer = await asyncio.open_connection(self.host, self.port)
-            writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._open.add(writer)
+        reused = bool(self._idle)
+        reader, writer = self._idle.pop() if reused else await self._connect()
         try:
             writer.write(raw)
-            head = await reader.readuntil(b"\r\n\r\n")
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError) as e:
+                if not reused or getattr(e, "partial", b""):
+                    raise
+                # The server closed this idle keep-alive connection (uvicorn: after 5 s) before our request
+                # reached it: nothing was answered, so send it again on a new connection, as HTTP clients do.
+                writer.close()
+                self._open.discard(writer)
+                reader, writer = await self._connect()
+                writer.write(raw)
+                head = await reader.readuntil(b"\r\n\r\n")
             lines = head.split(b"\r\n")
             status = int(lines[0].split(b" ", 2)[1])
             length = next(

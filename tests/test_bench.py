@@ -166,6 +166,35 @@ def test_generator_is_open_loop() -> None:
     assert summary["client_wait_p50_ms"] > 0
 
 
+def test_raw_client_resends_on_an_idle_connection_the_server_closed() -> None:
+    """Like uvicorn after its keep-alive timeout: the server answers once, then closes; the next request must not
+    fail (a generator that counted that as an error would blame the service), and a real failure still raises."""
+
+    async def scenario() -> list[int | str]:
+        async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer_once, "127.0.0.1", 0)
+        client = load.RawClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", 4)
+        got: list[int | str] = []
+        async with server:
+            for _ in range(3):
+                got.append(await client.request("GET", "/x"))
+                await asyncio.sleep(0.05)  # the close reaches the client's idle connection
+        try:
+            await client.request("GET", "/x")  # nobody listens any more
+        except OSError as e:
+            got.append(type(e).__name__)
+        await client.aclose()
+        return got
+
+    got = asyncio.run(scenario())
+    assert got[:3] == [200, 200, 200] and got[3] == "ConnectionRefusedError"
+
+
 @pytest.mark.slow
 def test_load_quick_against_real_servers(tmp_path: Path) -> None:
     args = ["--quick", "--size", "tiny", "--duration", "0.5", "--fractions", "0.2", "--overhead-requests", "5"]
