@@ -17,6 +17,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from export.store import EmbeddingStore
+
 REPO = Path(__file__).resolve().parents[1]
 SERVE = "import sys; from service.app import main; sys.exit(main(sys.argv[1:]))"
 QUESTION = "what color is the shape?"
@@ -130,3 +132,19 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
         if all(pairs.get(k) == f'"{v}"' for k, v in labels.items()):
             total += float(value)
     return total
+
+
+def wait_for_rows(
+    root: Path, mid: str, at_least: int, process: subprocess.Popen | None = None, timeout: float = 60
+) -> EmbeddingStore:
+    """The store a running `dide-cache build` writes, once it holds `at_least` committed rows (or `process` exited)."""
+    deadline = time.monotonic() + timeout
+    while not (root / mid / "manifest.json").is_file():
+        assert time.monotonic() < deadline, "the build never created its store"
+        time.sleep(0.005)
+    store = EmbeddingStore.open(root, mid, None)
+    while len(store) < at_least and (process is None or process.poll() is None):
+        assert time.monotonic() < deadline, f"the build committed only {len(store)} of {at_least} rows"
+        time.sleep(0.005)
+        store.refresh()
+    return store

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import easy_vqa
@@ -18,6 +17,7 @@ import pytest
 from export.cache_cli import REJECTS, ImageItem, list_images, main, parse_shard, shard_of
 from export.runtime import Bundle
 from export.store import VECTORS, EmbeddingStore
+from tests.live import wait_for_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 25  # divides 1,000 and 500, so shard batches line up with unsharded ones
@@ -36,19 +36,6 @@ def cli(*args: str | Path) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def wait_for_rows(root: Path, mid: str, at_least: int, timeout: float = 60) -> EmbeddingStore:
-    deadline = time.monotonic() + timeout
-    while not (root / mid / "manifest.json").is_file():
-        assert time.monotonic() < deadline, "the build never created its store"
-        time.sleep(0.01)
-    store = EmbeddingStore.open(root, mid, None)
-    while len(store) < at_least:
-        assert time.monotonic() < deadline, f"the build committed only {len(store)} rows"
-        time.sleep(0.01)
-        store.refresh()
-    return store
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from export.runtime import Bundle
 from export.store import EmbeddingStore
 from service.app import create_app
 from service.settings import Settings
-from tests.live import QUESTION, REPO, b64, png, run_until_exit
+from tests.live import QUESTION, REPO, b64, png, run_until_exit, wait_for_rows
 
 EASY_VQA = Path(next(iter(easy_vqa.get_test_image_paths().values()))).parent
 KILLS = 20
@@ -249,15 +249,6 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 60) -> None
     while not path.is_file() and process.poll() is None:
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.005)
-
-
-def wait_for_rows(root: Path, mid: str, rows: int, process: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    store = EmbeddingStore.open(root, mid, None)
-    while len(store) < rows and process.poll() is None:
-        assert time.monotonic() < deadline, f"only {len(store)} of {rows} rows committed"
-        time.sleep(0.005)
-        store.refresh()
 
 
 @pytest.fixture(scope="module")
