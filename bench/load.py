@@ -82,18 +82,18 @@ def arrival_times(rate: float, duration_s: float, max_requests: int, kind: str, 
 
 
 class RawClient:
-    """A minimal HTTP/1.1 keep-alive client: pre-built request bytes, Content-Length responses, a connection pool.
+    """A minimal HTTP/1.1 keep-alive client: pre-built request bytes, Content-Length responses, a connection pool
+    that opens a connection whenever none is idle (callers bound concurrency, as open_loop's gate does).
 
     The load generator shares the 2 cores with the server, so its own cost per request is CPU taken from the
     server under test: httpx spends about 1-3 ms of Python per request here (measured: GET /healthz p50 1.2 ms
     through httpx vs 0.3 ms through a plain socket), which a compiled generator (wrk2, vegeta) does not.
     """
 
-    def __init__(self, url: str, max_connections: int, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, timeout_s: float = 30.0) -> None:
         host, port = url.removeprefix("http://").split(":")
         self.host, self.port = host, int(port)
         self.timeout_s = timeout_s
-        self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         self._open: set[asyncio.StreamWriter] = set()
 
@@ -141,7 +141,7 @@ class RawClient:
 
     async def request(self, method: str, path: str, body: bytes = b"") -> int:
         """The response's status; OSError / asyncio errors (TimeoutError, IncompleteReadError) propagate."""
-        async with self._slots, asyncio.timeout(self.timeout_s):
+        async with asyncio.timeout(self.timeout_s):
             return await self._exchange(self._request(method, path, body))
 
     async def aclose(self) -> None:
@@ -403,7 +403,7 @@ class LoadBench:
         times = arrival_times(rate, duration_s, self.plan.max_requests, self.args.arrivals, self.seed)
         url = self.servers[server].url
         before = head_batches(url)
-        client = RawClient(url, connections)
+        client = RawClient(url)
         try:
             outcomes, lags = await open_loop(
                 client,
@@ -455,7 +455,7 @@ class LoadBench:
         samples: dict[str, list[float]] = {"bare runtime call": []}
         for name in self.servers:
             samples |= {name: [], f"{name} GET /healthz": [], f"{name} via httpx": []}
-        raw = {name: RawClient(s.url, 1) for name, s in self.servers.items()}
+        raw = {name: RawClient(s.url) for name, s in self.servers.items()}
         clients = {name: httpx.AsyncClient(base_url=s.url, timeout=30.0) for name, s in self.servers.items()}
         bodies = {
             name: json.dumps({"image_id": self.image_ids[name][0], "question": question, "top_k": 3}).encode()

@@ -147,7 +147,7 @@ def test_generator_is_open_loop() -> None:
     async def scenario() -> tuple[list[load.Outcome], list[float], list[load.Outcome]]:
         server, port = await _slow_server(0.3)
         async with server:
-            client = load.RawClient(f"http://127.0.0.1:{port}", 64)
+            client = load.RawClient(f"http://127.0.0.1:{port}")
             times = load.arrival_times(40.0, 0.5, 100, "fixed")
             wide, lags = await load.open_loop(client, "/x", lambda i: b"{}", times, connections=64, drain_s=5.0)
             narrow, _ = await load.open_loop(client, "/x", lambda i: b"{}", times, connections=2, drain_s=0.5)
@@ -178,7 +178,7 @@ def test_raw_client_resends_on_an_idle_connection_the_server_closed() -> None:
             writer.close()
 
         server = await asyncio.start_server(answer_once, "127.0.0.1", 0)
-        client = load.RawClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", 4)
+        client = load.RawClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
         got: list[int | str] = []
         async with server:
             for _ in range(3):
@@ -252,4 +252,6 @@ def test_accuracy_targets_leave_out_tasks_whose_teacher_is_at_chance() -> None:
     assert gain["status"] == "met" and "+2.0 pt" in gain["measured"]  # only the informative relational task counts
     _, gain = run.accuracy_targets([("accuracy", {**base, "datasets": {"scenes-entailment": chance}})])
     assert gain["status"] == "measured, not informative"
+    _, gain = run.accuracy_targets([("accuracy", {**base, "datasets": {"easy-vqa": vqa}})])
+    assert gain["status"] == "not measured"  # no relational task at all, informative or not
     assert [t["status"] for t in run.accuracy_targets([])] == ["not measured", "not measured"]
