@@ -39,6 +39,7 @@ RUN case "${VARIANT}" in \
     && uv venv --python "${PYTHON_VERSION}" /opt/venv \
     && uv pip install --python /opt/venv/bin/python --constraint deploy/constraints.txt \
         --requirement pyproject.toml --extra "${extra}"
+COPY core core
 COPY training training
 COPY export export
 COPY service service
@@ -59,6 +60,7 @@ RUN uv venv --python "${PYTHON_VERSION}" /opt/venv \
         --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu" \
     && uv pip install --python /opt/venv/bin/python --constraint deploy/constraints.txt \
         --requirement pyproject.toml --extra training --extra serving
+COPY core core
 COPY training training
 COPY export export
 COPY service service

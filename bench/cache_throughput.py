@@ -27,10 +27,12 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from bench.models import write_bundle
+from core.bundle import IMAGE_ENCODER
+from core.preprocess import TextEncoder
 from export.cache_cli import ImageItem, build
-from export.onnx_export import ImageEncoder, export_graph, export_graphs, model_id_of, write_manifest
-from export.preprocess import ImageSpec
-from export.runtime import IMAGE_ENCODER, LABELS, PREPROCESS, TOKENIZER, Bundle
+from export.onnx_export import export_image_graph
+from export.runtime import Bundle
 from export.store import EmbeddingStore
 from training.student import DualEncoderStudent, StudentConfig
 from training.tokenizer import train_wordpiece
@@ -83,8 +85,7 @@ def bench_tower(size: str, model: DualEncoderStudent, work: Path, quick: bool) -
     """The image tower alone: torch eager vs ONNX Runtime (CPU), at each batch size."""
     S = model.config.image_size
     path = work / f"{size}-{IMAGE_ENCODER}"
-    with torch.no_grad():
-        export_graph(ImageEncoder(model), (torch.zeros(2, 3, S, S),), path, ["pixels"], "image_embedding", False)
+    export_image_graph(model, path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     rows = []
@@ -110,24 +111,11 @@ def bench_tower(size: str, model: DualEncoderStudent, work: Path, quick: bool) -
 
 def bench_build(size: str, model: DualEncoderStudent, work: Path, n_images: int) -> dict:
     """The whole `dide-cache build` loop over easy-VQA test images, batch 32, into a fresh store."""
-    bundle_dir = work / f"{size}-bundle"
-    bundle_dir.mkdir()
     cfg = model.config
-    spec = ImageSpec(size=cfg.image_size)
-    export_graphs(model, bundle_dir)
-    train_wordpiece(["what shape is in the image?", "what color is the shape?"], 100).save(str(bundle_dir / TOKENIZER))
-    (bundle_dir / PREPROCESS).write_text(json.dumps({"image": spec.to_dict(), "max_text_len": cfg.max_text_len}))
-    (bundle_dir / LABELS).write_text(json.dumps([f"label{i}" for i in range(cfg.num_labels)]))
-    write_manifest(
-        bundle_dir,
-        {
-            "format": 1,
-            "task": "vqa",
-            "dim": cfg.hidden_size,
-            "precision": "fp32",
-            "model_id": model_id_of(model, spec.to_dict(), "fp32"),
-        },
-    )
+    tokenizer = train_wordpiece(["what shape is in the image?", "what color is the shape?"], 100)
+    text = TextEncoder(tokenizer, cfg.max_text_len)
+    labels = [f"label{i}" for i in range(cfg.num_labels)]
+    bundle_dir = write_bundle(model, work / f"{size}-bundle", text, labels, "fp32")
     bundle = Bundle.load(bundle_dir, ["CPUExecutionProvider"])
     paths = sorted(Path(p) for p in easy_vqa.get_test_image_paths().values())[:n_images]
     store = EmbeddingStore.open(work / f"{size}-store", bundle.model_id, bundle.dim, create=True)

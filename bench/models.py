@@ -12,10 +12,11 @@ import easy_vqa
 import numpy as np
 import torch
 
-from export.onnx_export import export_graphs, model_id_of, quantize_int8, write_manifest
-from export.preprocess import ImageSpec, TextEncoder, load_image
-from export.runtime import BUNDLE_FORMAT, HEAD, IMAGE_ENCODER, LABELS, PREPROCESS, TEXT_ENCODER, TOKENIZER
-from training.student import DualEncoderStudent, atomic_directory
+from core.atomic import atomic_directory
+from core.bundle import GRAPHS, write_manifest, write_metadata
+from core.preprocess import ImageSpec, TextEncoder, load_image
+from export.onnx_export import base_manifest, export_graphs, quantize_int8
+from training.student import DualEncoderStudent
 from training.teacher import SIZES, Teacher, build_teacher, student_from_teacher
 from training.tokenizer import train_wordpiece
 
@@ -111,32 +112,25 @@ def write_bundle(
     stamp_path = directory / STAMP
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         return directory
-    cfg = model.config
-    spec = ImageSpec(size=cfg.image_size).to_dict()
+    spec = ImageSpec(size=model.config.image_size)
 
     def write(tmp: Path) -> None:
         if graphs_from is None:
             export_graphs(model, tmp)
         else:
-            for name in (IMAGE_ENCODER, TEXT_ENCODER, HEAD):
+            for name in GRAPHS:
                 shutil.copyfile(graphs_from / name, tmp / name)
-        text.tokenizer.save(str(tmp / TOKENIZER))
-        (tmp / PREPROCESS).write_text(json.dumps({"image": spec, "max_text_len": cfg.max_text_len}))
-        (tmp / LABELS).write_text(json.dumps(labels))
+        write_metadata(
+            tmp,
+            tokenizer_json=text.tokenizer.to_str(),
+            image_spec=spec,
+            max_text_len=model.config.max_text_len,
+            labels=labels,
+        )
         if precision == "int8":
             quantize_int8(tmp)
-        manifest = {
-            "format": BUNDLE_FORMAT,
-            "task": cfg.task,
-            "model_id": model_id_of(model, spec, "fp32"),
-            "dim": cfg.hidden_size,
-            "num_labels": cfg.num_labels,
-            "max_text_len": cfg.max_text_len,
-            "image_size": cfg.image_size,
-            "precision": precision,
-            "source": {"checkpoint": "random weights (benchmark)"},
-        }
-        write_manifest(tmp, manifest)
+        source = {"checkpoint": "random weights (benchmark)"}
+        write_manifest(tmp, {**base_manifest(model, spec, precision), "source": source})
         (tmp / STAMP).write_text(json.dumps(stamp))  # last, so a half-written bundle is never reused
 
     log.info("exporting %s bundle to %s", precision, directory)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -19,15 +18,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from export.preprocess import ImageError, decode_image
-from export.runtime import Bundle, BundleError
-from export.store import INDEX_KINDS, MANIFEST, EmbeddingStore, StoreError, StoreLocked, write_file_atomic
+from core.bundle import BundleError, read_manifest
+from core.preprocess import ImageError, decode_image
+from export.runtime import Bundle
+from export.store import INDEX_KINDS, MANIFEST, EmbeddingStore, StoreError, StoreLocked, content_key
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
-REJECTS = "rejects.jsonl"  # in the store directory: one line per image that could not be cached
-SHARD = "shard.json"  # in a shard's store directory: which part of the listing it holds
 ID_MODES = ("stem", "relpath", "none")
 
 
@@ -160,20 +158,15 @@ def build(
     progress: bool | None = None,
 ) -> BuildSummary:
     """Encode every listed image not yet in the store, committing one batch at a time; the caller holds the lock."""
-    summary = BuildSummary(in_shard=len(items), rejects_file=str(store.directory / REJECTS))
-    rejects_path = store.directory / REJECTS
-    reported = set()
-    if rejects_path.is_file():
-        for line in rejects_path.read_text().splitlines():
-            e = json.loads(line)
-            reported.add((e["path"], e["sha256"]))
+    summary = BuildSummary(in_shard=len(items), rejects_file=str(store.rejects_file))
+    reported = {(e["path"], e["sha256"]) for e in store.rejects()}
 
     def read(item: ImageItem) -> Read:
         try:
             data = item.path.read_bytes()
         except OSError as e:
             return Read(item, error=f"cannot read the file: {e.strerror}")
-        sha = hashlib.sha256(data).hexdigest()
+        sha = content_key(data)
         r = Read(item, sha256=sha)
         if store.contains(sha):
             r.cached = True
@@ -211,8 +204,7 @@ def build(
         if id_pairs:
             store.add_ids(id_pairs)
         if new_rejects:
-            with open(rejects_path, "a") as f:
-                f.writelines(json.dumps(e) + "\n" for e in new_rejects)
+            store.add_rejects(new_rejects)
         pending.clear()
         pixels.clear()
         id_pairs.clear()
@@ -293,21 +285,14 @@ def merge(sources: list[EmbeddingStore], dest: EmbeddingStore, chunk: int = 4096
                 )
         for a in range(0, len(pairs), chunk):
             summary.ids_added += dest.add_ids(pairs[a : a + chunk])
-        src_rejects, dest_rejects = src.directory / REJECTS, dest.directory / REJECTS
-        if src_rejects.is_file():
-            known = set(dest_rejects.read_text().splitlines()) if dest_rejects.is_file() else set()
-            with open(dest_rejects, "a") as f:
-                f.writelines(line + "\n" for line in src_rejects.read_text().splitlines() if line not in known)
+        dest.add_rejects(src.rejects())
     summary.store_rows = len(dest)
     return summary
 
 
 def shard_order(store: EmbeddingStore) -> tuple[int, int]:
-    path = store.directory / SHARD
-    if not path.is_file():
-        return (sys.maxsize, sys.maxsize)
-    info = json.loads(path.read_text())
-    return (info["of"], info["shard"])
+    info = store.shard()
+    return (sys.maxsize, sys.maxsize) if info is None else (info["of"], info["shard"])
 
 
 # --- commands --------------------------------------------------------------------------------------------
@@ -317,13 +302,19 @@ def store_dirs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / MANIFEST).is_file()) if root.is_dir() else []
 
 
+def bundle_model(bundle_dir: str) -> tuple[str, int]:
+    """The (model_id, dim) a bundle's manifest names: the store it fills."""
+    manifest = read_manifest(bundle_dir)
+    try:
+        return str(manifest["model_id"]), int(manifest["dim"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{bundle_dir}: the bundle manifest has no usable model_id and dim: {e}") from None
+
+
 def open_existing(root: str, model_id: str | None, bundle_dir: str | None) -> EmbeddingStore:
     """The store under root named by --model-id, by the bundle's model_id, or the only one there."""
     if model_id is None and bundle_dir is not None:
-        try:
-            model_id = json.loads((Path(bundle_dir) / "manifest.json").read_text())["model_id"]
-        except (OSError, ValueError, KeyError) as e:
-            raise BundleError(f"{bundle_dir}: cannot read the bundle manifest: {e}") from None
+        model_id = bundle_model(bundle_dir)[0]
     if model_id is None:
         found = store_dirs(Path(root))
         if len(found) != 1:
@@ -347,8 +338,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     store = EmbeddingStore.open(args.store, bundle.model_id, bundle.dim, create=True)
     with store.writer(f"dide-cache build --images {args.images}" + (f" --shard {args.shard}" if args.shard else "")):
         if args.shard:
-            shard = {"shard": k, "of": n, "images": args.images, "listed": listed}
-            write_file_atomic(store.directory / SHARD, json.dumps(shard).encode())
+            store.set_shard({"shard": k, "of": n, "images": args.images, "listed": listed})
         log.info(
             "building %s with %s (%s): %d images, batch %d",
             store.directory,
@@ -398,11 +388,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     store = open_existing(args.store, args.model_id, args.bundle)
     problems, warnings = store.verify()
     if args.bundle:
-        manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
-        if (manifest["model_id"], int(manifest["dim"])) != (store.model_id, store.dim):
-            problems.append(
-                f"the bundle's model_id/dim {manifest['model_id']}/{manifest['dim']} differ from the store's"
-            )
+        model_id, dim = bundle_model(args.bundle)
+        if (model_id, dim) != (store.model_id, store.dim):
+            problems.append(f"the bundle's model_id/dim {model_id}/{dim} differ from the store's")
     for w in warnings:
         log.warning("%s", w)
     if problems:
@@ -418,7 +406,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     store = open_existing(args.store, args.model_id, args.bundle)
-    rejects = store.directory / REJECTS
     stats = {
         "directory": str(store.directory),
         "model_id": store.model_id,
@@ -426,14 +413,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
         "dim": store.dim,
         "user_ids": len(store.user_ids()),
         "commits": len(store.commits()),
-        "bytes": sum(p.stat().st_size for p in store.directory.iterdir() if p.is_file()),
+        "bytes": store.disk_bytes(),
         "index": store.manifest.get("index"),
-        "rejects": len(rejects.read_text().splitlines()) if rejects.is_file() else 0,
+        "rejects": len(store.rejects()),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(store.manifest["updated"])),
         "locked_by": store.locked_by(),
     }
-    if (store.directory / SHARD).is_file():
-        stats["shard"] = json.loads((store.directory / SHARD).read_text())
+    if store.shard() is not None:
+        stats["shard"] = store.shard()
     print(json.dumps(stats, indent=2))
     return 0
 
@@ -447,7 +434,7 @@ def cmd_similar(args: argparse.Namespace) -> int:
         query = vectors[0]
     else:
         data = Path(args.image).read_bytes()
-        vectors, found = store.get([hashlib.sha256(data).hexdigest()])
+        vectors, found = store.get([content_key(data)])
         if found[0]:
             query = vectors[0]
         elif args.bundle:

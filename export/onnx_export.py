@@ -7,7 +7,6 @@ import hashlib
 import json
 import logging
 import platform
-import shutil
 import sys
 import time
 import warnings
@@ -20,24 +19,12 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from export.preprocess import load_image
-from export.runtime import (
-    BUNDLE_FORMAT,
-    HEAD,
-    HEAD_OUTPUT,
-    IMAGE_ENCODER,
-    IMAGE_OUTPUT,
-    LABELS,
-    MANIFEST,
-    PREPROCESS,
-    TEXT_ENCODER,
-    TEXT_OUTPUT,
-    TOKENIZER,
-    Bundle,
-)
-from export.store import fsync_dir
+import core.bundle as fmt
+from core.atomic import atomic_directory
+from core.preprocess import ImageSpec, load_image
+from export.runtime import Bundle
 from training.examples import images_of, target_of, text_of
-from training.student import DualEncoderStudent, LoadedStudent, atomic_directory, load_student
+from training.student import DualEncoderStudent, LoadedStudent, load_student
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +70,12 @@ class Head(nn.Module):
 
 
 def export_graph(
-    module: nn.Module, args: tuple[Tensor, ...], path: Path, input_names: list[str], output: str, seq_axis: bool
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    path: Path,
+    input_names: tuple[str, ...],
+    output: str,
+    seq_axis: bool,
 ) -> None:
     """Export one graph with a dynamic batch axis (and sequence axis) on every input and the output.
 
@@ -98,7 +90,7 @@ def export_graph(
             module,
             args,
             str(path),
-            input_names=input_names,
+            input_names=list(input_names),
             output_names=[output],
             opset_version=OPSET,
             dynamo=False,
@@ -106,30 +98,29 @@ def export_graph(
         )
 
 
+def export_image_graph(model: DualEncoderStudent, path: Path) -> None:
+    """Write the image tower alone as `path` (what the cache runs)."""
+    S = model.config.image_size
+    with torch.no_grad():
+        export_graph(ImageEncoder(model), (torch.zeros(2, 3, S, S),), path, fmt.IMAGE_INPUTS, fmt.IMAGE_OUTPUT, False)
+
+
 def export_graphs(model: DualEncoderStudent, directory: Path) -> None:
     """Write image_encoder.onnx, text_encoder.onnx and head.onnx (fp32) into `directory`."""
     cfg = model.config
-    B, L, S, D = 2, cfg.max_text_len, cfg.image_size, cfg.hidden_size
+    B, L, D = 2, cfg.max_text_len, cfg.hidden_size
     ids = torch.randint(5, cfg.vocab_size, (B, L))
     mask = torch.ones(B, L, dtype=torch.long)
     with torch.no_grad():
-        export_graph(
-            ImageEncoder(model), (torch.zeros(B, 3, S, S),), directory / IMAGE_ENCODER, ["pixels"], IMAGE_OUTPUT, False
-        )
-        export_graph(
-            TextEncoderGraph(model),
-            (ids, mask),
-            directory / TEXT_ENCODER,
-            ["input_ids", "attention_mask"],
-            TEXT_OUTPUT,
-            True,
-        )
+        export_image_graph(model, directory / fmt.IMAGE_ENCODER)
+        text_path = directory / fmt.TEXT_ENCODER
+        export_graph(TextEncoderGraph(model), (ids, mask), text_path, fmt.TEXT_INPUTS, fmt.TEXT_OUTPUT, True)
         head_args = (torch.zeros(B, D), torch.zeros(B, D))
-        names = ["text_embedding", "image_embedding"]
+        names = fmt.HEAD_INPUTS
         if cfg.task == "reasoning":
-            head_args, names = (*head_args, torch.zeros(B, D)), [*names, "image_embedding_2"]
-        export_graph(Head(model), head_args, directory / HEAD, names, HEAD_OUTPUT, False)
-    for name in (IMAGE_ENCODER, TEXT_ENCODER, HEAD):
+            head_args, names = (*head_args, torch.zeros(B, D)), fmt.HEAD_INPUTS_REASONING
+        export_graph(Head(model), head_args, directory / fmt.HEAD, names, fmt.HEAD_OUTPUT, False)
+    for name in (fmt.IMAGE_ENCODER, fmt.TEXT_ENCODER, fmt.HEAD):
         onnx.checker.check_model(str(directory / name))
 
 
@@ -293,24 +284,25 @@ def check_fp32(stats: dict, what: str) -> None:
 # --- writing the bundle --------------------------------------------------------------------------------
 
 
-def file_hashes(directory: Path) -> dict[str, str]:
+def base_manifest(model: DualEncoderStudent, image_spec: ImageSpec, precision: str) -> dict:
+    """The manifest fields every bundle of `model` carries, whoever writes it (the exporter adds parity etc.)."""
+    cfg = model.config
     return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != MANIFEST
+        "task": cfg.task,
+        "model_id": model_id_of(model, image_spec.to_dict(), "fp16" if precision == "fp16" else "fp32"),
+        "dim": cfg.hidden_size,
+        "num_labels": cfg.num_labels,
+        "max_text_len": cfg.max_text_len,
+        "image_size": cfg.image_size,
+        "precision": precision,
     }
-
-
-def write_manifest(directory: Path, manifest: dict) -> None:
-    manifest["files"] = file_hashes(directory)
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def quantize_int8(directory: Path) -> None:
     """ONNX Runtime dynamic int8 quantisation of the text tower and head, in place."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for name in (TEXT_ENCODER, HEAD):
+    for name in (fmt.TEXT_ENCODER, fmt.HEAD):
         src = directory / name
         tmp = directory / f"{name}.int8"
         quantize_dynamic(src, tmp, weight_type=QuantType.QInt8)
@@ -321,7 +313,7 @@ def convert_fp16(directory: Path) -> None:
     """float16 weights and activations in all three graphs (float32 inputs and outputs kept), in place."""
     from onnxconverter_common import float16
 
-    for name in (IMAGE_ENCODER, TEXT_ENCODER, HEAD):
+    for name in (fmt.IMAGE_ENCODER, fmt.TEXT_ENCODER, fmt.HEAD):
         model = float16.convert_float_to_float16(onnx.load(str(directory / name)), keep_io_types=True)
         # The converter retypes a Cast's output to float16 but leaves the node casting to float32
         # (the attention-mask cast in the text tower); make the node agree with its output type.
@@ -355,22 +347,14 @@ def export_bundle(
     model, cfg = loaded.model.eval(), loaded.model.config
     torch.manual_seed(seed)
     real = real_sample(loaded, eval_data or loaded.data, eval_size)
-    spec = loaded.image_spec.to_dict()
     cpu = ["CPUExecutionProvider"]
     manifest: dict = {
-        "format": BUNDLE_FORMAT,
-        "task": cfg.task,
-        "model_id": model_id_of(model, spec, "fp16" if precision == "fp16" else "fp32"),
-        "dim": cfg.hidden_size,
-        "num_labels": cfg.num_labels,
-        "max_text_len": cfg.max_text_len,
-        "image_size": cfg.image_size,
+        **base_manifest(model, loaded.image_spec, precision),
         "opset": OPSET,
-        "precision": precision,
         "precision_by_file": {
-            IMAGE_ENCODER: "fp16" if precision == "fp16" else "fp32",
-            TEXT_ENCODER: precision,
-            HEAD: precision,
+            fmt.IMAGE_ENCODER: "fp16" if precision == "fp16" else "fp32",
+            fmt.TEXT_ENCODER: precision,
+            fmt.HEAD: precision,
         },
         "source": {"checkpoint": str(student_dir.resolve()), "checkpoint_sha256": loaded.sha256, "data": loaded.data},
         "exporter": {
@@ -384,14 +368,17 @@ def export_bundle(
     }
 
     def write(tmp: Path) -> None:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a service may run as another user
         t0 = time.perf_counter()
         export_graphs(model, tmp)
         log.info("exported three graphs (opset %d) in %.1f s", OPSET, time.perf_counter() - t0)
-        shutil.copyfile(student_dir / "tokenizer.json", tmp / TOKENIZER)
-        (tmp / PREPROCESS).write_text(json.dumps({"image": spec, "max_text_len": cfg.max_text_len}, indent=2))
-        (tmp / LABELS).write_text(json.dumps(loaded.labels, indent=2))
-        write_manifest(tmp, {**manifest, "precision": "fp32", "precision_by_file": {}})
+        fmt.write_metadata(
+            tmp,
+            tokenizer_json=(student_dir / "tokenizer.json").read_text(),
+            image_spec=loaded.image_spec,
+            max_text_len=cfg.max_text_len,
+            labels=loaded.labels,
+        )
+        fmt.write_manifest(tmp, {**manifest, "precision": "fp32", "precision_by_file": {}})
         fp32 = Bundle.load(tmp, cpu)
         parity: dict = {"tolerance": PARITY_TOL, "fp32": {}}
         # Random inputs at batch 1, 7 and 64, full and shorter sequences: exercises the dynamic axes.
@@ -412,7 +399,7 @@ def export_bundle(
         log.info("fp32 parity: %s", json.dumps(parity["fp32"]))
         if precision != "fp32":
             (quantize_int8 if precision == "int8" else convert_fp16)(tmp)
-            write_manifest(tmp, {**manifest, "parity": parity})
+            fmt.write_manifest(tmp, {**manifest, "parity": parity})
             low = Bundle.load(tmp, None if precision == "fp16" else cpu)  # fp16 on CUDA when there is one
             s = real if real is not None else random_sample(model, eval_size, cfg.max_text_len, seed)
             reference = fp32_real if real is not None else bundle_logits(fp32, s)
@@ -421,13 +408,11 @@ def export_bundle(
             if precision == "fp16" and low.provider == "CPUExecutionProvider":
                 parity[precision]["note"] = "measured on the CPU execution provider; the bundle is meant for CUDA"
             log.info("%s vs fp32: %s", precision, json.dumps(parity[precision]))
-        write_manifest(tmp, {**manifest, "parity": parity})
+        fmt.write_manifest(tmp, {**manifest, "parity": parity})
         Bundle.load(tmp, cpu)  # the final files load and verify
-        fsync_dir(tmp)
 
     atomic_directory(out, write)
-    fsync_dir(Path(out).parent)
-    return json.loads((Path(out) / MANIFEST).read_text())
+    return fmt.read_manifest(out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -11,36 +9,24 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from export.preprocess import ImageSpec, TextEncoder, decode_image
+from core.bundle import (
+    HEAD,
+    HEAD_INPUTS,
+    HEAD_INPUTS_REASONING,
+    HEAD_OUTPUT,
+    IMAGE_ENCODER,
+    IMAGE_INPUTS,
+    IMAGE_OUTPUT,
+    TEXT_ENCODER,
+    TEXT_INPUTS,
+    TEXT_OUTPUT,
+    BundleError,
+    BundleFiles,
+    read_bundle,
+)
+from core.preprocess import TextEncoder, decode_image
 
 log = logging.getLogger(__name__)
-
-IMAGE_ENCODER = "image_encoder.onnx"
-TEXT_ENCODER = "text_encoder.onnx"
-HEAD = "head.onnx"
-TOKENIZER = "tokenizer.json"
-PREPROCESS = "preprocess.json"
-LABELS = "labels.json"
-MANIFEST = "manifest.json"
-BUNDLE_FILES = (IMAGE_ENCODER, TEXT_ENCODER, HEAD, TOKENIZER, PREPROCESS, LABELS)
-BUNDLE_FORMAT = 1
-
-# The ONNX graphs' input and output names, fixed by the bundle contract.
-IMAGE_INPUTS, IMAGE_OUTPUT = ("pixels",), "image_embedding"
-TEXT_INPUTS, TEXT_OUTPUT = ("input_ids", "attention_mask"), "text_embedding"
-HEAD_INPUTS, HEAD_INPUTS_REASONING = (
-    ("text_embedding", "image_embedding"),
-    (
-        "text_embedding",
-        "image_embedding",
-        "image_embedding_2",
-    ),
-)
-HEAD_OUTPUT = "logits"
-
-
-class BundleError(RuntimeError):
-    """The bundle is missing a file, or a file is truncated or altered (the message names it)."""
 
 
 def default_providers() -> list[str]:
@@ -52,27 +38,20 @@ def default_providers() -> list[str]:
 class Bundle:
     """A verified bundle: ONNX Runtime sessions for the image tower, text tower and head, plus preprocessing."""
 
-    def __init__(
-        self,
-        directory: Path,
-        manifest: dict,
-        blobs: dict[str, bytes],
-        providers: list[str],
-        threads: int | None,
-    ) -> None:
-        self.directory = directory
-        self.manifest = manifest
-        self.task: str = manifest["task"]
-        self.model_id: str = manifest["model_id"]
-        self.dim: int = int(manifest["dim"])
-        self.labels: list[str] = json.loads(blobs[LABELS])
-        pre = json.loads(blobs[PREPROCESS])
-        self.image_spec = ImageSpec.from_dict(pre["image"])
-        self.text = TextEncoder(Tokenizer.from_str(blobs[TOKENIZER].decode()), int(pre["max_text_len"]))
+    def __init__(self, files: BundleFiles, providers: list[str], threads: int | None) -> None:
+        self.directory = files.directory
+        self.manifest = files.manifest
+        self.task: str = files.manifest["task"]
+        self.model_id: str = files.manifest["model_id"]
+        self.dim: int = int(files.manifest["dim"])
+        self.labels: list[str] = files.labels
+        self.image_spec = files.image_spec
+        self.text = TextEncoder(Tokenizer.from_str(files.tokenizer_json), files.max_text_len)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         # Sessions are built from the verified bytes, never re-read from disk.
+        blobs = files.blobs
         self._image = self._session(IMAGE_ENCODER, blobs, options, providers, IMAGE_INPUTS, IMAGE_OUTPUT)
         self._text = self._session(TEXT_ENCODER, blobs, options, providers, TEXT_INPUTS, TEXT_OUTPUT)
         head_inputs = HEAD_INPUTS_REASONING if self.task == "reasoning" else HEAD_INPUTS
@@ -103,44 +82,20 @@ class Bundle:
     @classmethod
     def load(cls, directory: str | Path, providers: list[str] | None = None, *, threads: int | None = None) -> Bundle:
         """Load a bundle, verifying every file's sha256 against manifest.json first."""
-        directory = Path(directory)
-        try:
-            manifest = json.loads((directory / MANIFEST).read_text())
-        except FileNotFoundError:
-            raise BundleError(
-                f"{directory / MANIFEST} not found: is {directory} a bundle written by dide-export?"
-            ) from None
-        except (OSError, ValueError) as e:
-            raise BundleError(f"{directory / MANIFEST} cannot be read: {e}") from None
-        if manifest.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"{directory / MANIFEST}: unsupported bundle format {manifest.get('format')!r}")
-        files = manifest.get("files", {})
-        blobs: dict[str, bytes] = {}
-        for name in BUNDLE_FILES:
-            if name not in files:
-                raise BundleError(f"{directory / MANIFEST} does not list {name}")
-        for name, digest in files.items():
-            path = directory / name
-            try:
-                data = path.read_bytes()
-            except OSError as e:
-                raise BundleError(f"{path}: cannot read it: {e.strerror}") from None
-            if hashlib.sha256(data).hexdigest() != digest:
-                raise BundleError(f"{path}: sha256 does not match the manifest (truncated or altered)")
-            blobs[name] = data
+        files = read_bundle(directory)
         available = ort.get_available_providers()
         providers = providers or default_providers()
         missing = [p for p in providers if p not in available]
         if missing:
             raise ValueError(f"execution providers {missing} are not in this onnxruntime build ({available})")
-        bundle = cls(directory, manifest, blobs, providers, threads)
+        bundle = cls(files, providers, threads)
         log.info(
             "loaded bundle %s: task %s, model_id %s, dim %d, precision %s, provider %s",
-            directory,
+            files.directory,
             bundle.task,
             bundle.model_id,
             bundle.dim,
-            manifest.get("precision"),
+            files.manifest.get("precision"),
             bundle.provider,
         )
         return bundle

@@ -1,37 +1,17 @@
 """The embedding store: content-addressed, append-only, memory-mapped rows with a faiss index, one per model_id.
 
-Layout of STORE_ROOT/<model_id>/ (every file append-only except the two replaced atomically):
-
-    manifest.json    the commit point, replaced atomically (temp file, fsync, rename): rows, dim and
-                     the committed byte length of every append-only file below
-    vectors.f32      row i = float32 vector (dim,), raw little-endian, memory-mapped
-    sha256.bin       row i = the 32-byte sha256 of the image bytes of row i, memory-mapped
-    commits.jsonl    one line per commit: its row range and the sha256 of its vector and key bytes
-    user_ids.jsonl   one line per user id: {"id": ..., "sha256": ...}
-    index-<N>.faiss  a faiss index over the first N rows, L2-normalised (cosine), faiss id = row number
-    write.lock       fcntl.flock write lock; holds the current writer's pid and command for messages
-
-A commit appends to the data files, fsyncs them, then replaces manifest.json. A writer killed at any
-moment leaves at most bytes past the committed lengths, which readers never look at and the next
-writer truncates, so committed rows are never lost or changed and readers never see half a commit.
-
-Index kinds (`index_kind`): "flat" (IndexIDMap2 over IndexFlatIP, exact, the default), "hnsw"
-(IndexHNSWFlat, M=32: approximate, no training, a good choice up to ~10^8 rows in RAM) and "ivf"
-(IndexIVFFlat with ~4*sqrt(N) lists, trained at save time, probed with nprobe=16: for 10^7+ rows when
-memory per query matters). All three are wrapped in IndexIDMap2 so faiss ids are row numbers.
+The one owner of STORE_ROOT/<model_id>/ (layout and commit protocol in `export.store_layout`, the write
+lock in `export.store_lock`, the faiss index in `export.store_index`, checking in `export.store_verify`)
+and of the content key (`content_key`: the sha256 of the image bytes).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import logging
-import math
 import os
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -40,205 +20,50 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from core.atomic import write_file_atomic
+from export import store_verify
+from export.store_index import INDEX_KINDS, as_idmap, new_index, normalized, tune
+from export.store_layout import (
+    COMMITS,
+    FORMAT,
+    KEYS,
+    LOCK,
+    MANIFEST,
+    REJECTS,
+    SHARD,
+    USER_IDS,
+    VECTORS,
+    StoreError,
+    StoreLocked,
+    append_at,
+    content_key,
+    is_sha256,
+    json_lines,
+    sha256_hex,
+)
+from export.store_lock import WriteLock
+
+__all__ = [
+    "COMMITS",
+    "INDEX_KINDS",
+    "KEYS",
+    "MANIFEST",
+    "REJECTS",
+    "USER_IDS",
+    "VECTORS",
+    "EmbeddingStore",
+    "StoreError",
+    "StoreLocked",
+    "content_key",
+    "is_sha256",
+]
+
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-MANIFEST = "manifest.json"
-
-
-def _json_lines(path: Path, data: bytes) -> list[dict]:
-    """Parse a committed JSON-lines log; a damaged line is a StoreError naming the file and line."""
-    out = []
-    for i, line in enumerate(data.splitlines(), 1):
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            raise StoreError(f"{path}:{i}: not a JSON line: the store is damaged") from None
-    return out
-
-
-VECTORS = "vectors.f32"
-KEYS = "sha256.bin"
-COMMITS = "commits.jsonl"
-USER_IDS = "user_ids.jsonl"
-LOCK = "write.lock"
-INDEX_KINDS = ("flat", "hnsw", "ivf")
-
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _MAX_USER_ID = 512
 # Keys added since the last sort are kept in a dict; past this many, the sorted key array is rebuilt.
 _RECENT_MAX = 65536
-_HNSW_M = 32
-_HNSW_EF_SEARCH = 64
-_IVF_NPROBE = 16
-
-
-class StoreError(RuntimeError):
-    """The store is missing, corrupt, or does not match what the caller expects."""
-
-
-class StoreLocked(StoreError):
-    """Another process holds the store's write lock (a `dide-cache build` or `merge` in progress)."""
-
-
-def is_sha256(key: str) -> bool:
-    return bool(_SHA256.fullmatch(key))
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write `path` so that it holds either its old content or `data`, never a mix: temp, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a directory's entries (created, renamed files) durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _append(path: Path, offset: int, data: bytes) -> None:
-    """Write `data` at `offset` (the committed end of an append-only file) and fsync it."""
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _normalized(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (zero rows stay zero), as a new C-contiguous float32 array."""
-    x = np.array(x, dtype=np.float32, copy=True, order="C")
-    with np.errstate(invalid="ignore", over="ignore"):  # only a corrupt row (checked by verify) is not finite
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        np.divide(x, norms, out=x, where=norms > 0)
-    return x
-
-
-def _new_index(kind: str, dim: int, train: np.ndarray) -> faiss.IndexIDMap2:
-    """An empty IndexIDMap2 of `kind` (inner product over normalised rows); IVF is trained on `train`."""
-    inner: faiss.Index
-    if kind == "flat":
-        inner = faiss.IndexFlatIP(dim)
-    elif kind == "hnsw":
-        inner = faiss.IndexHNSWFlat(dim, _HNSW_M, faiss.METRIC_INNER_PRODUCT)
-    elif kind == "ivf":
-        nlist = max(1, int(4 * math.sqrt(len(train))))
-        if len(train) < 39 * nlist or len(train) < 1000:
-            raise ValueError(
-                f"an ivf index needs at least max(1000, 39 x nlist) rows to train, the store has "
-                f"{len(train)}: use --index flat or hnsw until it grows"
-            )
-        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = np.sort(np.random.default_rng(0).permutation(len(train))[: 256 * nlist])
-        ivf.train(_normalized(train[sample]))
-        ivf.make_direct_map()  # so verify can reconstruct rows by id
-        inner = ivf
-    else:
-        raise ValueError(f"unknown index kind {kind!r}: choose one of {', '.join(INDEX_KINDS)}")
-    return _tune(faiss.IndexIDMap2(inner))
-
-
-def _as_idmap(index: faiss.Index, what: str) -> faiss.IndexIDMap2:
-    # faiss's Python layer already returns read indexes as their concrete class; downcast_index here
-    # would make a second, non-owning proxy and let the owning one free the index.
-    if not isinstance(index, faiss.IndexIDMap2):
-        raise StoreError(f"{what} is a {type(index).__name__}, not the IndexIDMap2 this store writes")
-    return index
-
-
-def _tune(index: faiss.IndexIDMap2) -> faiss.IndexIDMap2:
-    """Set the search-time knobs, which a saved index may not carry."""
-    inner = faiss.downcast_index(index.index)
-    if isinstance(inner, faiss.IndexHNSWFlat):
-        inner.hnsw.efSearch = _HNSW_EF_SEARCH
-    elif isinstance(inner, faiss.IndexIVFFlat):
-        inner.nprobe = _IVF_NPROBE
-    return index
-
-
-class _WriteLock:
-    """An fcntl.flock on DIR/write.lock: re-entrant within one object, threads of it queue up."""
-
-    def __init__(self, path: Path, timeout: float) -> None:
-        self.path = path
-        self.timeout = timeout
-        self._threads = threading.RLock()
-        self._fd: int | None = None
-
-    def _holder(self) -> str:
-        try:
-            info = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            info = {}
-        if not info:
-            return "another process"
-        return f"pid {info.get('pid')} on {info.get('host')} ({info.get('what')}, since {info.get('since')})"
-
-    @contextlib.contextmanager
-    def hold(self, what: str) -> Iterator[None]:
-        """Hold the lock; wait up to `timeout` seconds for another holder, then raise StoreLocked."""
-        with self._threads:
-            if self._fd is not None:  # re-entered by the thread that holds it
-                yield
-                return
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            deadline = time.monotonic() + self.timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        os.close(fd)
-                        raise StoreLocked(
-                            f"the embedding store {self.path.parent} is locked for writing by {self._holder()}: "
-                            "wait for that build or merge to finish (or stop it) and run this again"
-                        ) from None
-                    time.sleep(0.05)
-            holder = {
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "what": what,
-                "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(holder).encode(), 0)
-            self._fd = fd
-            try:
-                yield
-            finally:
-                self._fd = None
-                os.ftruncate(fd, 0)
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
-
-    def holder_elsewhere(self) -> str | None:
-        """Who else holds the lock, or None."""
-        if self._fd is not None:
-            return None
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        except BlockingIOError:
-            return self._holder()
-        finally:
-            os.close(fd)
 
 
 class EmbeddingStore:
@@ -248,7 +73,7 @@ class EmbeddingStore:
         self.directory = directory
         self.model_id: str = manifest["model_id"]
         self.dim: int = int(manifest["dim"])
-        self._lock = _WriteLock(directory / LOCK, lock_timeout)
+        self._lock = WriteLock(directory / LOCK, lock_timeout)
         self._mutex = threading.RLock()  # guards the in-memory views; writers also hold self._lock
         self._reset(manifest)
 
@@ -286,7 +111,7 @@ class EmbeddingStore:
     @classmethod
     def _create(cls, directory: Path, model_id: str, dim: int, lock_timeout: float) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        with _WriteLock(directory / LOCK, lock_timeout).hold("create"):
+        with WriteLock(directory / LOCK, lock_timeout).hold("create"):
             if (directory / MANIFEST).is_file():  # another process created it first
                 return
             # Data without a manifest is a damaged store, not an empty one: never start over it.
@@ -374,7 +199,7 @@ class EmbeddingStore:
             data = f.read(committed - self._uid_bytes)
         if len(data) < committed - self._uid_bytes:
             raise StoreError(f"{self.directory / USER_IDS} is truncated below its committed length")
-        for entry in _json_lines(self.directory / USER_IDS, data):
+        for entry in json_lines(self.directory / USER_IDS, data):
             row = self._row_of_sha(entry["sha256"])
             if row is None:
                 raise StoreError(f"{self.directory / USER_IDS}: id {entry['id']!r} names a missing row")
@@ -452,7 +277,45 @@ class EmbeddingStore:
     def commits(self) -> list[dict]:
         with open(self.directory / COMMITS, "rb") as f:
             data = f.read(int(self.manifest["commits_bytes"]))
-        return _json_lines(self.directory / COMMITS, data)
+        return json_lines(self.directory / COMMITS, data)
+
+    @property
+    def digests(self) -> np.ndarray:
+        """Every committed row's content key as raw bytes, (N, 32) uint8, read-only and memory-mapped."""
+        return self._digests
+
+    def disk_bytes(self) -> int:
+        """Bytes of every file in the store's directory."""
+        return sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+
+    # --- the cache build's notes: images it could not use, and which shard of a listing this store holds ------
+
+    @property
+    def rejects_file(self) -> Path:
+        return self.directory / REJECTS
+
+    def rejects(self) -> list[dict]:
+        """Images a cache build could not use, oldest first: {"path", "sha256", "reason", "time"} each."""
+        path = self.rejects_file
+        return json_lines(path, path.read_bytes()) if path.is_file() else []
+
+    def add_rejects(self, entries: list[dict]) -> None:
+        """Append entries to the rejects log, leaving out any it already holds word for word."""
+        with self._lock.hold("add_rejects"):
+            known = {json.dumps(e) for e in self.rejects()}
+            lines = [line for line in (json.dumps(e) for e in entries) if line not in known]
+            if lines:
+                with open(self.rejects_file, "a") as f:
+                    f.writelines(line + "\n" for line in dict.fromkeys(lines))
+
+    def shard(self) -> dict | None:
+        """Which part of a listing a sharded build wrote here ({"shard", "of", ...}), or None."""
+        path = self.directory / SHARD
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def set_shard(self, info: dict) -> None:
+        with self._lock.hold("set_shard"):
+            write_file_atomic(self.directory / SHARD, json.dumps(info).encode())
 
     # --- writing -----------------------------------------------------------------------------------------
 
@@ -571,11 +434,11 @@ class EmbeddingStore:
         }
         commit_bytes = json.dumps(commit).encode() + b"\n"
         if n:
-            _append(self.directory / VECTORS, start * self.dim * 4, vec_bytes)
-            _append(self.directory / KEYS, start * 32, key_bytes)
+            append_at(self.directory / VECTORS, start * self.dim * 4, vec_bytes)
+            append_at(self.directory / KEYS, start * 32, key_bytes)
         if pairs:
-            _append(self.directory / USER_IDS, int(m["user_ids_bytes"]), uid_bytes)
-        _append(self.directory / COMMITS, int(m["commits_bytes"]), commit_bytes)
+            append_at(self.directory / USER_IDS, int(m["user_ids_bytes"]), uid_bytes)
+        append_at(self.directory / COMMITS, int(m["commits_bytes"]), commit_bytes)
         m.update(
             rows=start + n,
             commits_bytes=int(m["commits_bytes"]) + len(commit_bytes),
@@ -590,7 +453,7 @@ class EmbeddingStore:
     def _index_add(self, index: faiss.IndexIDMap2, start: int, end: int, chunk: int = 65536) -> None:
         for a in range(start, end, chunk):
             b = min(end, a + chunk)
-            index.add_with_ids(_normalized(self._vectors[a:b]), np.arange(a, b, dtype=np.int64))
+            index.add_with_ids(normalized(self._vectors[a:b]), np.arange(a, b, dtype=np.int64))
 
     def _ensure_index(self) -> faiss.IndexIDMap2:
         """The in-memory index over every row: the saved one (if any) topped up, or built from the rows."""
@@ -598,9 +461,9 @@ class EmbeddingStore:
             saved = self.manifest.get("index")
             if saved and (self.directory / saved["file"]).is_file():
                 path = self.directory / saved["file"]
-                index = _tune(_as_idmap(faiss.read_index(str(path)), str(path)))
+                index = tune(as_idmap(faiss.read_index(str(path)), str(path)))
             else:
-                index = _new_index(self.index_kind, self.dim, self._vectors)
+                index = new_index(self.index_kind, self.dim, self._vectors)
             self._index_add(index, index.ntotal, self._rows)
             self._index = index
         return self._index
@@ -616,7 +479,7 @@ class EmbeddingStore:
             index = self._ensure_index()
             if index.ntotal == 0:
                 return []
-            scores, ids = index.search(_normalized(vector), min(k, index.ntotal))
+            scores, ids = index.search(normalized(vector), min(k, index.ntotal))
             return [(bytes(self._digests[i]).hex(), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
 
     def save_index(self, kind: str | None = None) -> Path:
@@ -650,89 +513,4 @@ class EmbeddingStore:
 
     def verify(self) -> tuple[list[str], list[str]]:
         """Check every committed row against the manifest and the commit log: (problems, warnings)."""
-        self.refresh()
-        m, d = self.manifest, self.directory
-        problems: list[str] = []
-        warnings: list[str] = []
-        if m.get("dtype") != "float32" or self.dim <= 0:
-            problems.append(f"manifest: unsupported dtype {m.get('dtype')!r} or dim {self.dim}")
-        if d.name != self.model_id:
-            problems.append(f"manifest: model_id {self.model_id} does not match the directory name {d.name}")
-        for name, committed in (
-            (VECTORS, self._rows * self.dim * 4),
-            (KEYS, self._rows * 32),
-            (COMMITS, int(m["commits_bytes"])),
-            (USER_IDS, int(m["user_ids_bytes"])),
-        ):
-            size = (d / name).stat().st_size
-            if size < committed:
-                problems.append(f"{name}: {size} bytes, below the committed {committed}")
-            elif size > committed:
-                warnings.append(f"{name}: {size - committed} uncommitted bytes past the end (an interrupted writer)")
-        if problems:
-            return problems, warnings
-        # The commit log must tile [0, rows) and every commit's bytes must hash as logged.
-        expected_start, uid_off = 0, 0
-        with open(d / USER_IDS, "rb") as uf:
-            uid_data = uf.read(int(m["user_ids_bytes"]))
-        uid_lines = uid_data.splitlines(keepends=True)
-        for i, c in enumerate(self.commits()):
-            a, n = int(c["start"]), int(c["rows"])
-            if a != expected_start:
-                problems.append(f"commit {i}: starts at row {a}, expected {expected_start}")
-                break
-            vec = np.ascontiguousarray(self._vectors[a : a + n]).astype("<f4", copy=False).tobytes()
-            if sha256_hex(vec) != c["vectors_sha256"]:
-                problems.append(f"commit {i} (rows {a}..{a + n - 1}): vector bytes do not match the logged sha256")
-            if sha256_hex(np.ascontiguousarray(self._digests[a : a + n]).tobytes()) != c["keys_sha256"]:
-                problems.append(f"commit {i} (rows {a}..{a + n - 1}): key bytes do not match the logged sha256")
-            ids = b"".join(uid_lines[uid_off : uid_off + int(c["ids"])])
-            if sha256_hex(ids) != c["ids_sha256"]:
-                problems.append(f"commit {i}: user-id lines do not match the logged sha256")
-            expected_start, uid_off = a + n, uid_off + int(c["ids"])
-        if expected_start != self._rows:
-            problems.append(f"commit log covers {expected_start} rows, the manifest says {self._rows}")
-        if uid_off != len(uid_lines):
-            problems.append(f"commit log covers {uid_off} user ids, {USER_IDS} holds {len(uid_lines)}")
-        keys = np.ascontiguousarray(self._digests).view("S32").ravel()
-        uniq, counts = np.unique(keys, return_counts=True)
-        if (counts > 1).any():
-            dup = [bytes(k).ljust(32, b"\0").hex() for k in uniq[counts > 1][:3]]
-            problems.append(f"{int((counts > 1).sum())} sha256 keys appear more than once, e.g. {dup}")
-        for a in range(0, self._rows, 65536):
-            if not np.isfinite(self._vectors[a : a + 65536]).all():
-                problems.append(f"rows {a}..{min(self._rows, a + 65536) - 1} hold NaN or infinite values")
-        seen: dict[str, str] = {}
-        for e in _json_lines(self.directory / USER_IDS, b"".join(uid_lines)):
-            if e["id"] in seen and seen[e["id"]] != e["sha256"]:
-                problems.append(f"user id {e['id']!r} is mapped to two different rows")
-            seen[e["id"]] = e["sha256"]
-        problems += self._verify_index(warnings)
-        return problems, warnings
-
-    def _verify_index(self, warnings: list[str]) -> list[str]:
-        saved = self.manifest.get("index")
-        if not saved:
-            warnings.append("no saved faiss index: it is built from the rows when first searched")
-            return []
-        path = self.directory / saved["file"]
-        if not path.is_file():
-            return [f"index: {path.name} named by the manifest is missing"]
-        data = path.read_bytes()
-        if sha256_hex(data) != saved["sha256"]:
-            return [f"index: {path.name} does not match its sha256 in the manifest"]
-        try:
-            index = _as_idmap(faiss.deserialize_index(np.frombuffer(data, np.uint8)), path.name)
-        except (StoreError, RuntimeError) as e:  # faiss raises RuntimeError on unreadable bytes
-            return [f"index: {e}"]
-        n = int(saved["rows"])
-        if index.ntotal != n or n > self._rows:
-            return [f"index: holds {index.ntotal} vectors, the manifest says {n} of {self._rows} rows"]
-        ids = faiss.vector_to_array(index.id_map)
-        if not np.array_equal(ids, np.arange(n)):
-            return ["index: faiss ids are not the row numbers 0..N-1 in order"]
-        if n and not np.allclose(index.index.reconstruct_n(0, n), _normalized(self._vectors[:n]), atol=1e-6):
-            return ["index: stored vectors differ from the normalised rows"]
-        if n < self._rows:
-            warnings.append(f"index: covers {n} of {self._rows} rows; the rest are added when it is loaded")
-        return []
+        return store_verify.verify(self)

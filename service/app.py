@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from export.preprocess import ImageError, TextError
+from core.preprocess import ImageError, TextError
 from service.batcher import Overloaded
 from service.engine import Engine, ImageNotFound, NameTaken, TaskNotLoaded
 from service.metrics import Metrics, MetricsMiddleware

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.preprocess import ImageError
+from core.preprocess import ImageError
 from export.runtime import Bundle
-from export.store import EmbeddingStore, StoreError, StoreLocked, is_sha256
+from export.store import EmbeddingStore, StoreError, StoreLocked, content_key, is_sha256
 from service.batcher import MicroBatcher, Overloaded
 from service.metrics import Metrics
 from service.settings import Settings
@@ -135,7 +134,7 @@ class Space:
 
         Runs in a worker thread; raises ImageError for bytes that are not a usable image.
         """
-        sha = hashlib.sha256(data).hexdigest()
+        sha = content_key(data)
         with self.metrics.stage("lookup"):
             hit = self.lookup(sha)
         if hit is not None:

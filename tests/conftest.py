@@ -24,7 +24,7 @@ def make_tiny_student(directory: Path, task: str, seed: int = 0) -> Path:
     """Save a tiny random student for `task` (D=32, 2 layers, 32x32 images) with a small WordPiece tokenizer."""
     import torch
 
-    from export.preprocess import ImageSpec
+    from core.preprocess import ImageSpec
     from training.examples import ENTAILMENT_LABELS, REASONING_LABELS
     from training.student import DualEncoderStudent, save_student, tiny_config
     from training.tokenizer import train_wordpiece

@@ -14,9 +14,9 @@ import easy_vqa
 import numpy as np
 import pytest
 
-from export.cache_cli import REJECTS, ImageItem, list_images, main, parse_shard, shard_of
+from export.cache_cli import ImageItem, list_images, main, parse_shard, shard_of
 from export.runtime import Bundle
-from export.store import VECTORS, EmbeddingStore
+from export.store import REJECTS, VECTORS, EmbeddingStore
 from tests.live import wait_for_rows
 
 ROOT = Path(__file__).resolve().parents[1]

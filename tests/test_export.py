@@ -11,9 +11,10 @@ from pathlib import Path
 import onnx
 import pytest
 
+from core.bundle import BUNDLE_FILES
 from export import onnx_export
 from export.onnx_export import OPSET, PARITY_TOL, main
-from export.runtime import BUNDLE_FILES, Bundle
+from export.runtime import Bundle
 
 
 def manifest_of(bundle: Path) -> dict:

@@ -4,7 +4,7 @@ import torch
 from tokenizers import Tokenizer
 from transformers import ViltConfig, ViltForQuestionAnswering
 
-from export.preprocess import ImageSpec
+from core.preprocess import ImageSpec
 from training.student import DualEncoderStudent, load_student, save_student, tiny_config
 from training.teacher import build_teacher, student_from_teacher
 from training.tokenizer import train_wordpiece

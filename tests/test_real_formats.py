@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from export.preprocess import ImageSpec, load_image
+from core.preprocess import ImageSpec, load_image
 from training.annotations import AnnotationError
 from training.data import load_data
 from training.examples import ENTAILMENT_LABELS, target_of

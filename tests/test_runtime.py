@@ -13,7 +13,7 @@ import easy_vqa
 import numpy as np
 import pytest
 
-from export.preprocess import ImageError, TextError, decode_image
+from core.preprocess import ImageError, TextError, decode_image
 from export.runtime import Bundle, BundleError
 
 ROOT = Path(__file__).resolve().parents[1]

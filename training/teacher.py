@@ -17,9 +17,10 @@ from transformers import (
     ViltForQuestionAnswering,
 )
 
-from export.preprocess import ImageSpec, TextEncoder
+from core.atomic import atomic_directory
+from core.preprocess import ImageSpec, TextEncoder
 from training.examples import ENTAILMENT_LABELS, ITM_LABELS, REASONING_LABELS
-from training.student import DualEncoderStudent, StudentConfig, atomic_directory, load_student
+from training.student import DualEncoderStudent, StudentConfig, load_student
 from training.tokenizer import load_checkpoint_tokenizer
 
 # Named from-scratch sizes. `base` is ViLT-B/32; `small` is the report model for 64x64 easy-VQA and scenes,

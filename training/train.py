@@ -35,10 +35,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from core.atomic import atomic_directory
+from core.preprocess import decode_rgb, normalize
 from training import losses
 from training.data import load_data
 from training.examples import TASKS, Example, PairExample, TaskData, images_of, target_of, text_of
-from training.student import DualEncoderStudent, atomic_directory, load_student, read_config, save_student
+from training.student import DualEncoderStudent, load_student, read_config, save_student
 from training.teacher import (
     MAX_TEXT_LEN,
     SIZES,
@@ -76,8 +78,6 @@ class ExampleDataset(Dataset):
         augment: str = "none",
         blind: str | None = None,
     ) -> None:
-        from export.preprocess import decode_rgb
-
         self.examples: list[Example] = getattr(data, split)
         self.spec, self.augment, self.blind = image_spec, augment, blind
         self.ids, self.mask = (torch.from_numpy(a) for a in text([text_of(e) for e in self.examples]))
@@ -106,12 +106,9 @@ class ExampleDataset(Dataset):
         return len(self.examples)
 
     def pixels(self, path) -> Tensor:
-        x = self.rgb[self.image_index[path]].permute(2, 0, 1).float() / 255.0  # (3, H, W)
-        if self.augment != "none":
+        x = torch.from_numpy(normalize(self.rgb[self.image_index[path]].numpy(), self.spec))  # (3, H, W)
+        if self.augment != "none":  # flips and edge-padded shifts commute with the per-channel normalisation
             x = augment_image(x, hflip=self.augment == "flip")
-        mean = torch.tensor(self.spec.mean)[:, None, None]
-        std = torch.tensor(self.spec.std)[:, None, None]
-        x = (x - mean) / std
         return torch.zeros_like(x) if self.blind == "image" else x
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:

@@ -1,0 +1,1 @@
+"""The torch-free core that training, export and the service share: preprocessing, the bundle format, atomic files."""
