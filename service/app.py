@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -219,7 +220,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await engine.stop()
             log.info("stopped")
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from this service (under /static-offline-docs), not a CDN:
+    # the docs work on a machine with no internet access.
+    app = FastAPIOffline(
         title="DiDE inference service",
         version=_version(),
         description=(
