@@ -22,10 +22,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.preprocess import ImageError, TextError
 from service.batcher import Overloaded
-from service.engine import Engine, ImageNotFound, NameTaken, TaskNotLoaded
+from service.engine import Engine, ImageNotFound, TaskNotLoaded
+from service.errors import ApiError, error_response, validation_message
 from service.metrics import Metrics, MetricsMiddleware
-from service.routes import ApiError, error_response, install_openapi, router, validation_message
+from service.openapi import install_openapi
+from service.routes import router
 from service.settings import Settings, get_settings
+from service.space import NameTaken
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import yaml
 from fastapi.testclient import TestClient
 from starlette.middleware.cors import CORSMiddleware
 
-from service import routes
+from service import dependencies
 from service.app import create_app
 from service.settings import Settings
 from tests.live import QUESTION, REPO, b64, png, start_server, stop_server, wait_ready
@@ -131,7 +131,7 @@ def test_every_key_is_compared_in_constant_time_without_early_exit(
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(routes.hmac, "compare_digest", counting)
+    monkeypatch.setattr(dependencies.hmac, "compare_digest", counting)
     r = keyed_client.get("/images/abc", headers={"X-API-Key": given.encode()})  # bytes: UTF-8 on the wire
     assert r.status_code == (404 if given in KEYS else 401)
     # One constant-time comparison per configured key, whichever matched (or none): no early exit, no `==`.
@@ -139,7 +139,7 @@ def test_every_key_is_compared_in_constant_time_without_early_exit(
 
 
 def test_key_comparison_in_the_source_is_hmac_only() -> None:
-    source = Path(routes.__file__).read_text()
+    source = Path(dependencies.__file__).read_text()
     tree = ast.parse(source)
     fn = next(
         n

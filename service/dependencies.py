@@ -1,0 +1,66 @@
+"""The routes' dependencies: the engine, settings and metrics from app state, the API-key check and readiness.
+
+All async: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per dependency per request.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from service.engine import Engine
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.settings import Settings
+
+
+async def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+async def get_app_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+async def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key (when keys are configured).")
+_bearer = HTTPBearer(auto_error=False, description="An API key as a bearer token (when keys are configured).")
+
+
+async def require_api_key(
+    settings: SettingsDep,
+    api_key: Annotated[str | None, Security(_api_key_header)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> None:
+    """With DIDE_API_KEYS set, a request needs one of them (X-API-Key or Authorization: Bearer)."""
+    if not settings.api_keys:
+        return
+    given = api_key if api_key is not None else bearer.credentials if bearer is not None else None
+    if given is None:
+        raise ApiError(401, "unauthorized", "this service needs an API key: send X-API-Key or Authorization: Bearer")
+    given_b = given.encode("utf-8", "surrogateescape")
+    ok = False
+    for key in settings.api_keys:  # no early exit: the time taken does not depend on which key matched
+        ok |= hmac.compare_digest(given_b, key.get_secret_value().encode("utf-8"))
+    if not ok:
+        raise ApiError(401, "unauthorized", "the API key is not valid")
+
+
+async def require_ready(request: Request, engine: EngineDep) -> None:
+    if not engine.ready:
+        raise ApiError(
+            503,
+            "not_ready",
+            "the service is loading or warming its models; retry shortly",
+            {"Retry-After": str(request.app.state.settings.retry_after_s)},
+        )
