@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.measure import markers, replace_section
+from core.atomic import write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,7 @@ def evaluate(model: Path) -> dict:
         text=True,
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    tmp = kept.with_name(kept.name + ".tmp")
-    tmp.write_text(json.dumps(result) + "\n")
-    tmp.replace(kept)  # a kill leaves the old file or none, never half of one
+    write_file_atomic(kept, (json.dumps(result) + "\n").encode())  # a kill leaves the old file or none
     return result
 
 

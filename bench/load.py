@@ -1,13 +1,8 @@
-"""Service under load: an open-loop load generator against a real `dide-serve` (uvicorn) on 127.0.0.1.
+"""Service under load: the open-loop generator (bench/loadgen.py) against real `dide-serve` processes on 127.0.0.1.
 
     python -m bench.load [--quick] [--size small] [--bundle DIR] [--arrivals poisson|fixed]
 
-The generator is OPEN-LOOP: request i is due at a time drawn in advance (Poisson arrivals, or a fixed
-interval) and is sent then, whether or not earlier requests have been answered; its latency is counted
-from the time it was due, so a slow server cannot slow the generator down and hide its own queueing
-(no coordinated omission). Each run is bounded in duration and in request count. At most
-`connections` requests are on the wire at once (like wrk2's connections); a due request that finds
-them all busy waits in the client, and that wait is part of its latency.
+Each run is bounded in duration and in request count; latency is counted from each request's due time.
 
 Two servers run side by side, micro-batching on and off (DIDE_BATCHING), with the text-embedding
 cache off (DIDE_TEXT_CACHE_SIZE=0, so every request runs the text tower), and are measured alternately
@@ -26,18 +21,10 @@ Writes bench/results/load.json, load.md and load.png. The client shares the mach
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
 import contextlib
-import io
 import json
 import logging
-import os
-import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,11 +34,13 @@ from pathlib import Path
 
 import easy_vqa
 import httpx
-import numpy as np
 import uvloop
-from PIL import Image
 
+from bench.images import b64, distinct_pngs
+from bench.load_report import markdown, plot
+from bench.loadgen import RawClient, arrival_times, open_loop, summarize
 from bench.measure import RESULTS, header, percentile, write_json
+from bench.server import LiveServer, sample, start_server, stop_server, wait_ready
 from export.runtime import Bundle
 
 log = logging.getLogger(__name__)
@@ -64,207 +53,16 @@ PROBE_OVER_SEQUENTIAL = 8.0
 QUESTIONS = ("what is the red shape?", "what color is the shape?", "is there a circle in the image?")
 
 
-# --- the open-loop generator ----------------------------------------------------------------------------
-
-
-def arrival_times(rate: float, duration_s: float, max_requests: int, kind: str, seed: int = 0) -> np.ndarray:
-    """Seconds from the start at which requests are due: Poisson (exponential gaps) or fixed interval."""
-    if rate <= 0 or duration_s <= 0 or max_requests < 1:
-        raise ValueError("rate, duration_s and max_requests must be positive")
-    n = min(max_requests, int(rate * duration_s * 1.5) + 16)
-    if kind == "poisson":
-        times = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, n))
-    elif kind == "fixed":
-        times = np.arange(n) / rate
-    else:
-        raise ValueError(f"arrivals must be 'poisson' or 'fixed', got {kind!r}")
-    return times[times < duration_s][:max_requests]
-
-
-class RawClient:
-    """A minimal HTTP/1.1 keep-alive client: pre-built request bytes, Content-Length responses, a connection pool
-    that opens a connection whenever none is idle (callers bound concurrency, as open_loop's gate does).
-
-    The load generator shares the 2 cores with the server, so its own cost per request is CPU taken from the
-    server under test: httpx spends about 1-3 ms of Python per request here (measured: GET /healthz p50 1.2 ms
-    through httpx vs 0.3 ms through a plain socket), which a compiled generator (wrk2, vegeta) does not.
-    """
-
-    def __init__(self, url: str, timeout_s: float = 30.0) -> None:
-        host, port = url.removeprefix("http://").split(":")
-        self.host, self.port = host, int(port)
-        self.timeout_s = timeout_s
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self._open: set[asyncio.StreamWriter] = set()
-
-    def _request(self, method: str, path: str, body: bytes) -> bytes:
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-        if body:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        return head.encode() + b"\r\n" + body
-
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_connection(self.host, self.port)
-        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._open.add(writer)
-        return reader, writer
-
-    async def _exchange(self, raw: bytes) -> int:
-        reused = bool(self._idle)
-        reader, writer = self._idle.pop() if reused else await self._connect()
-        try:
-            writer.write(raw)
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError) as e:
-                if not reused or getattr(e, "partial", b""):
-                    raise
-                # The server closed this idle keep-alive connection (uvicorn: after 5 s) before our request
-                # reached it: nothing was answered, so send it again on a new connection, as HTTP clients do.
-                writer.close()
-                self._open.discard(writer)
-                reader, writer = await self._connect()
-                writer.write(raw)
-                head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            status = int(lines[0].split(b" ", 2)[1])
-            length = next(
-                int(v) for k, _, v in (x.partition(b":") for x in lines[1:]) if k.lower() == b"content-length"
-            )
-            await reader.readexactly(length)
-        except BaseException:
-            writer.close()
-            self._open.discard(writer)
-            raise
-        self._idle.append((reader, writer))
-        return status
-
-    async def request(self, method: str, path: str, body: bytes = b"") -> int:
-        """The response's status; OSError / asyncio errors (TimeoutError, IncompleteReadError) propagate."""
-        async with asyncio.timeout(self.timeout_s):
-            return await self._exchange(self._request(method, path, body))
-
-    async def aclose(self) -> None:
-        for writer in self._open:
-            writer.close()
-        self._open.clear()
-        self._idle.clear()
-
-
-@dataclass
-class Outcome:
-    due: float  # seconds from the run's start
-    sent: float = float("nan")  # when a connection took it (>= due)
-    done: float = float("nan")
-    status: int | str = "unfinished"  # HTTP status, an exception name, or "unfinished" (cut at the end)
-
-
-async def open_loop(
-    client: RawClient,
-    path: str,
-    body: Callable[[int], bytes],
-    times: np.ndarray,
-    *,
-    connections: int,
-    drain_s: float,
-) -> tuple[list[Outcome], list[float]]:
-    """Send request i (body(i)) at times[i] after the start, never waiting for earlier answers.
-
-    Returns the outcomes and the dispatch lag of each request (how late the generator itself was).
-    Requests still unanswered drain_s after the last one is due are cancelled ("unfinished").
-    """
-    loop = asyncio.get_running_loop()
-    gate = asyncio.Semaphore(connections)
-    outcomes = [Outcome(float(t)) for t in times]
-    bodies = [body(i) for i in range(len(times))]  # built before the clock starts
-    lags: list[float] = []
-
-    async def fire(o: Outcome, data: bytes) -> None:
-        async with gate:
-            o.sent = loop.time() - start
-            try:
-                o.status = await client.request("POST", path, data)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
-                o.status = type(e).__name__
-            o.done = loop.time() - start
-
-    tasks = []
-    start = loop.time()
-    for o, data in zip(outcomes, bodies, strict=True):
-        delay = start + o.due - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        lags.append(loop.time() - start - o.due)
-        tasks.append(asyncio.create_task(fire(o, data)))
-    if tasks:
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, start + float(times[-1]) + drain_s - loop.time()))
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    return outcomes, lags
-
-
-def summarize(outcomes: list[Outcome], lags: list[float], duration_s: float) -> dict:
-    """Latency percentiles (ms, successful requests, counted from when each was due), throughput, errors."""
-    ok, errors = [], {}
-    for o in outcomes:
-        if isinstance(o.status, int) and 200 <= o.status < 300:
-            ok.append(o)
-        else:
-            errors[str(o.status)] = errors.get(str(o.status), 0) + 1
-    latencies = [1000 * (o.done - o.due) for o in ok]
-    last = max((o.done for o in ok), default=duration_s)
-    n = len(outcomes)
-    return {
-        "requests": n,
-        "offered_rps": n / duration_s,
-        "ok": len(ok),
-        "throughput_rps": len(ok) / max(last, 1e-9),
-        "error_ratio": (n - len(ok)) / n if n else 0.0,
-        "errors": errors,
-        "p50_ms": percentile(latencies, 50),
-        "p95_ms": percentile(latencies, 95),
-        "p99_ms": percentile(latencies, 99),
-        "max_ms": max(latencies, default=float("nan")),
-        "client_wait_p50_ms": percentile([1000 * (o.sent - o.due) for o in ok], 50),
-        "generator_lag_p99_ms": percentile([1000 * x for x in lags], 99),
-    }
-
-
-# --- the server -----------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve_command(port: int) -> list[str]:
-    script = Path(sys.executable).with_name("dide-serve")
-    if script.is_file():
-        return [str(script), "--host", "127.0.0.1", "--port", str(port)]
-    return [sys.executable, "-m", "service.app", "--host", "127.0.0.1", "--port", str(port)]
-
-
-@dataclass
-class Server:
-    name: str  # "batching on" | "batching off"
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-    env: dict[str, str]
-    command: list[str]
+# --- the servers -----------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def servers(bundle: Path, work: Path, modes: dict[str, bool]) -> Iterator[dict[str, Server]]:
+def servers(bundle: Path, work: Path, modes: dict[str, bool]) -> Iterator[dict[str, LiveServer]]:
     """One `dide-serve` subprocess per mode (name -> batching on?), each with its own store; stopped on exit."""
-    started: dict[str, Server] = {}
+    started: dict[str, LiveServer] = {}
     try:
         for name, batching in modes.items():
             slug = name.replace(" ", "-")
-            port = free_port()
             env = {
                 "DIDE_BUNDLES": str(bundle),
                 "DIDE_STORE": str(work / f"store-{slug}"),
@@ -272,70 +70,22 @@ def servers(bundle: Path, work: Path, modes: dict[str, bool]) -> Iterator[dict[s
                 "DIDE_TEXT_CACHE_SIZE": "0",
                 "DIDE_LOG_LEVEL": "WARNING",
             }
-            log_path = work / f"server-{slug}.log"
-            command = serve_command(port)
-            process = subprocess.Popen(
-                command, env=os.environ | env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT
-            )
-            started[name] = Server(name, f"http://127.0.0.1:{port}", process, log_path, env, command)
+            started[name] = start_server(env, work / f"server-{slug}.log")
         for server in started.values():
-            wait_ready(server)
+            wait_ready(server, READY_TIMEOUT_S)
         yield started
     finally:
         for server in started.values():
-            stop(server.process)
-
-
-def wait_ready(server: Server) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            tail = server.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"dide-serve ({server.name}) exited with {server.process.returncode}:\n{tail}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(server.url + "/readyz", timeout=2.0).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"dide-serve ({server.name}) not ready after {READY_TIMEOUT_S:g} s; see {server.log_path}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            stop_server(server)
 
 
 def head_batches(url: str) -> tuple[float, float]:
     """(sum, count) of the server's dide_batch_size histogram for the head (requests, model calls)."""
     text = httpx.get(url + "/metrics", timeout=10.0).text
-    values = {}
-    for part in ("sum", "count"):
-        m = re.search(rf'^dide_batch_size_{part}\{{model="head"\}} (\S+)$', text, re.MULTILINE)
-        values[part] = float(m.group(1)) if m else 0.0
-    return values["sum"], values["count"]
+    return sample(text, 'dide_batch_size_sum{model="head"}'), sample(text, 'dide_batch_size_count{model="head"}')
 
 
 # --- requests -------------------------------------------------------------------------------------------
-
-
-def png_bytes(path: str | Path) -> bytes:
-    return Path(path).read_bytes()
-
-
-def distinct_pngs(base: bytes, first: int, n: int) -> list[bytes]:
-    """n PNGs that differ from `base` (and from each other) in the first three pixels: each is new to the cache."""
-    pixels = np.array(Image.open(io.BytesIO(base)).convert("RGB"))
-    out = []
-    for i in range(first, first + n):
-        pixels[0, :3, 0] = [(i >> 16) & 255, (i >> 8) & 255, i & 255]
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        out.append(buffer.getvalue())
-    return out
 
 
 def vqa_body(image: dict, i: int) -> bytes:
@@ -363,7 +113,7 @@ FULL = Plan(10.0, 300, 40000, 10.0, 500, 5, (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8
 
 
 class LoadBench:
-    def __init__(self, args: argparse.Namespace, plan: Plan, bundle_dir: Path, servers: dict[str, Server]) -> None:
+    def __init__(self, args: argparse.Namespace, plan: Plan, bundle_dir: Path, servers: dict[str, LiveServer]) -> None:
         self.args = args
         self.plan = plan
         self.servers = servers
@@ -371,7 +121,7 @@ class LoadBench:
         # from the server under test between requests.
         self.bundle = Bundle.load(bundle_dir, threads=1)
         self.image_paths = sorted(easy_vqa.get_test_image_paths().values())[:32]
-        self.upload_base = png_bytes(self.image_paths[0])
+        self.upload_base = Path(self.image_paths[0]).read_bytes()
         self.uploaded = 0  # distinct images sent so far, over every run and server
         self.image_ids: dict[str, list[str]] = {}
         self.seed = 0
@@ -382,7 +132,7 @@ class LoadBench:
             for name, server in self.servers.items():
                 ids = []
                 for path in self.image_paths:
-                    data = base64.b64encode(png_bytes(path)).decode()
+                    data = b64(Path(path).read_bytes())
                     r = await client.post(server.url + "/images", json={"image": data})
                     r.raise_for_status()
                     ids.append(r.json()["image_id"])
@@ -394,7 +144,7 @@ class LoadBench:
             return lambda i: vqa_body({"image_id": ids[i % len(ids)]}, i)
         images = distinct_pngs(self.upload_base, self.uploaded, n)
         self.uploaded += n
-        return lambda i: vqa_body({"image": base64.b64encode(images[i]).decode()}, i)
+        return lambda i: vqa_body({"image": b64(images[i])}, i)
 
     async def run(
         self, server: str, kind: str, rate: float, connections: int, duration_s: float, drain_s: float
@@ -446,7 +196,7 @@ class LoadBench:
     async def overhead(self) -> dict:
         """Service p50 (one request at a time) minus the bare runtime call p50, interleaved, per server."""
         question = QUESTIONS[0]
-        vector = self.bundle.encode_images(self.bundle.preprocess_images([png_bytes(self.image_paths[0])]))
+        vector = self.bundle.encode_images(self.bundle.preprocess_images([Path(self.image_paths[0]).read_bytes()]))
 
         def bare() -> None:
             ids, mask = self.bundle.tokenize([question])
@@ -577,82 +327,6 @@ async def measure(args: argparse.Namespace, plan: Plan, bundle_dir: Path, work: 
         "capacity": capacity,
         "sweep": sweep,
     }
-
-
-def markdown(report: dict) -> str:
-    o, c = report["overhead"], report["capacity"]
-    lines = [
-        "The load generator is **open-loop**: " + report["generator"] + ".",
-        "",
-        f"HTTP+JSON overhead (one request at a time, {o['requests']} requests, cached image, text cache off): "
-        + "; ".join(
-            f"{name}: service p50 {o['p50_ms'][name]:.2f} ms - bare call p50 {o['p50_ms']['bare runtime call']:.2f} ms "
-            f"= **{o['overhead_p50_ms'][name]:.2f} ms** "
-            f"(GET /healthz p50 {o['p50_ms'][name + ' GET /healthz']:.2f} ms; "
-            f"the same POST through httpx p50 {o['p50_ms'].get(name + ' via httpx', float('nan')):.2f} ms)"
-            for name in o["overhead_p50_ms"]
-        ),
-        "",
-        f"Throughput at {c['connections']} concurrent clients (offered {c['offered_rps']:.0f} req/s, cached images"
-        + ("" if c.get("saturated", True) else "; NOT saturated: the servers may do more")
-        + "): "
-        + ", ".join(f"{name} {v:.1f} req/s" for name, v in c["throughput_rps"].items())
-        + f"; ratio on/off **{c['ratio_on_over_off']:.2f}x** (median of paired runs).",
-        "",
-        "| images | server | n | offered/s | done/s | p50 ms | p95 ms | p99 ms | max ms | errors | batch | saturated |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in sorted(report["sweep"], key=lambda r: (r["images"], r["server"], r["rate_rps"])):
-        cells = [r["images"], r["server"], str(r["requests"])]
-        cells += [f"{r[k]:.1f}" for k in ("offered_rps", "throughput_rps", "p50_ms")]
-        cells += [f"{r[k]:.1f}" for k in ("p95_ms", "p99_ms", "max_ms")]
-        cells += [f"{100 * r['error_ratio']:.1f}%", f"{r['mean_batch']:.1f}", "yes" if r["saturated"] else "no"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    styles = {"batching on": "-", "batching off": "--"}
-    colors = {"cached": "tab:green", "uploaded": "tab:blue"}
-    for kind in ("cached", "uploaded"):
-        for server, style in styles.items():
-            rs = sorted(
-                (r for r in report["sweep"] if r["images"] == kind and r["server"] == server),
-                key=lambda r: r["rate_rps"],
-            )
-            if not rs:
-                continue
-            x = [r["offered_rps"] for r in rs]
-            label = f"{kind}, {server}"
-            left.plot(x, [r["p50_ms"] for r in rs], style, color=colors[kind], marker="o", ms=3, label=f"p50 {label}")
-            left.plot(
-                x,
-                [r["p99_ms"] for r in rs],
-                style,
-                color=colors[kind],
-                marker="^",
-                ms=3,
-                alpha=0.5,
-                label=f"p99 {label}",
-            )
-            right.plot(x, [r["throughput_rps"] for r in rs], style, color=colors[kind], marker="o", ms=3, label=label)
-    left.set_yscale("log")
-    left.set_xlabel("offered req/s (open-loop)")
-    left.set_ylabel("latency ms (log)")
-    left.legend(fontsize=6)
-    right.set_xlabel("offered req/s (open-loop)")
-    right.set_ylabel("completed req/s")
-    right.legend(fontsize=6)
-    fig.suptitle("dide-serve under open-loop load", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import fcntl
 import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,17 +37,12 @@ import easy_vqa
 import httpx
 import numpy as np
 
-from bench.load import (
-    CONCURRENT_CLIENTS,
-    arrival_times,
-    distinct_pngs,
-    free_port,
-    open_loop,
-    serve_command,
-    stop,
-    summarize,
-)
+from bench.images import b64, distinct_pngs
+from bench.load import CONCURRENT_CLIENTS
+from bench.loadgen import RawClient, arrival_times, open_loop, summarize
 from bench.measure import RESULTS, header
+from bench.server import LiveServer, rss_bytes, sample, start_server, stop_server, wait_ready
+from core.atomic import write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +72,10 @@ def record_reliability(section: str, data: dict, path: Path = RELIABILITY) -> No
         except (OSError, ValueError):
             report = {}
         report.setdefault(section, {}).update(data, recorded=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
+        write_file_atomic(path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     finally:
         os.close(lock)
     log.info("recorded %s in %s", section, path)
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 class RssSampler:
@@ -128,9 +111,8 @@ class RssSampler:
 
 
 @contextlib.contextmanager
-def server(bundle: Path, work: Path) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+def server(bundle: Path, work: Path) -> Iterator[LiveServer]:
     """One `dide-serve` as bench/load.py runs it (batching on, text cache off), on 127.0.0.1."""
-    port = free_port()
     env = {
         "DIDE_BUNDLES": str(bundle),
         "DIDE_STORE": str(work / "store"),
@@ -138,25 +120,12 @@ def server(bundle: Path, work: Path) -> Iterator[tuple[str, subprocess.Popen, Pa
         "DIDE_TEXT_CACHE_SIZE": "0",
         "DIDE_LOG_LEVEL": "WARNING",
     }
-    log_path = work / "server.log"
-    process = subprocess.Popen(
-        serve_command(port), env=os.environ | env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
+    live = start_server(env, work / "server.log")
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"dide-serve exited with {process.returncode}: {log_path.read_text()[-2000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=2.0).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"dide-serve not ready after 300 s; see {log_path}")
-            time.sleep(0.2)
-        yield url, process, log_path
+        wait_ready(live, 300)
+        yield live
     finally:
-        stop(process)
+        stop_server(live)
 
 
 class Traffic:
@@ -174,7 +143,7 @@ class Traffic:
         self.uploaded += int(upload.sum())
         out = []
         for i in range(n):
-            image = {"image": base64.b64encode(next(images)).decode()} if upload[i] else {"image_id": self.ids[i % 32]}
+            image = {"image": b64(next(images))} if upload[i] else {"image_id": self.ids[i % 32]}
             out.append(json.dumps({**image, "question": QUESTIONS[i % len(QUESTIONS)], "top_k": 3}).encode())
         return out.__getitem__
 
@@ -183,36 +152,31 @@ async def drive(
     url: str, traffic: Traffic, rate: float, duration_s: float, seed: int, drain_s: float, connections: int
 ) -> dict:
     times = arrival_times(rate, duration_s, 10**7, "poisson", seed)
-    # Idle connections are dropped by the client before uvicorn's 5 s keep-alive timeout drops them, so a
-    # request is never sent on a connection the server is closing at that instant (a client-side ReadError).
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=2.0)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as client:
+    # RawClient resends a request once on an idle connection uvicorn closed (its 5 s keep-alive timeout).
+    client = RawClient(url)
+    try:
         outcomes, lags = await open_loop(
             client, "/vqa", traffic.bodies(len(times), seed), times, connections=connections, drain_s=drain_s
         )
+    finally:
+        await client.aclose()
     return summarize(outcomes, lags, duration_s)
 
 
 async def probe_capacity(url: str, traffic: Traffic) -> float:
     """bench/load.py's capacity measure: completed req/s through 32 connections, offered far above capacity."""
     times = arrival_times(PROBE_RATE, PROBE_S, 10**6, "poisson", 1)
-    limits = httpx.Limits(max_connections=CONCURRENT_CLIENTS, max_keepalive_connections=CONCURRENT_CLIENTS)
     ids = traffic.ids
 
     def body(i: int) -> bytes:
         return json.dumps({"image_id": ids[i % len(ids)], "question": QUESTIONS[i % len(QUESTIONS)]}).encode()
 
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30.0) as client:
+    client = RawClient(url)
+    try:
         outcomes, lags = await open_loop(client, "/vqa", body, times, connections=CONCURRENT_CLIENTS, drain_s=0.0)
+    finally:
+        await client.aclose()
     return summarize(outcomes, lags, PROBE_S)["throughput_rps"]
-
-
-def sample(metrics: str, series: str) -> float:
-    """One sample's value from Prometheus text (0 when absent)."""
-    for line in metrics.splitlines():
-        if line.startswith(series + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def error_lines(log_text: str) -> list[str]:
@@ -236,11 +200,12 @@ def saturation_from_load(path: Path) -> float | None:
 
 async def soak(args: argparse.Namespace, bundle: Path, work: Path) -> dict:
     paths = sorted(easy_vqa.get_test_image_paths().values())[:32]
-    with server(bundle, work) as (url, process, log_path):
+    with server(bundle, work) as live:
+        url, process = live.url, live.process
         async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
             ids = []
             for p in paths:
-                r = await client.post("/images", json={"image": base64.b64encode(Path(p).read_bytes()).decode()})
+                r = await client.post("/images", json={"image": b64(Path(p).read_bytes())})
                 r.raise_for_status()
                 ids.append(r.json()["image_id"])
         traffic = Traffic(ids, Path(paths[0]).read_bytes())
@@ -259,7 +224,7 @@ async def soak(args: argparse.Namespace, bundle: Path, work: Path) -> dict:
             t_end = rss.samples[-1][0]
         provider = httpx.get(url + "/readyz", timeout=10.0).json()["provider"]
         after = httpx.get(url + "/metrics", timeout=10.0).text
-        server_log = log_path.read_text(errors="replace")
+        server_log = live.log_text()
         process_alive = process.poll() is None
     bucket = 'dide_request_duration_seconds_bucket{{endpoint="/vqa",le="{}",status_class="{}"}}'
     server_side = {  # the service's own latency histogram for /vqa over the whole run, warm-up included

@@ -1,96 +1,39 @@
-"""A real `dide-serve` (uvicorn) process on 127.0.0.1 for the reliability tests: start, wait, measure, stop."""
+"""The tests' view of the live-server harness (bench/server.py): a real `dide-serve` process on 127.0.0.1, plus
+what only the tests need (servers expected to refuse to start, metric sums, a store being built)."""
 
 from __future__ import annotations
 
-import base64
-import io
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-import numpy as np
-from PIL import Image
-
+from bench.images import b64
+from bench.images import random_png as png
+from bench.server import REPO, LiveServer, rss_bytes, stop_server, wait_ready
+from bench.server import start_server as start_live_server
 from export.store import EmbeddingStore
 
-REPO = Path(__file__).resolve().parents[1]
-SERVE = "import sys; from service.app import main; sys.exit(main(sys.argv[1:]))"
+__all__ = [
+    "QUESTION",
+    "REPO",
+    "LiveServer",
+    "b64",
+    "metric_sum",
+    "png",
+    "rss_bytes",
+    "run_until_exit",
+    "start_server",
+    "stop_server",
+    "wait_for_rows",
+    "wait_ready",
+]
+
 QUESTION = "what color is the shape?"
 
 
-@dataclass
-class LiveServer:
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def rss_bytes(self) -> int:
-        """The server process's resident set size, from /proc."""
-        return rss_bytes(self.process.pid)
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(env: dict[str, str], log: Path) -> LiveServer:
-    """Run what `dide-serve` runs on a free 127.0.0.1 port, output to `log` (a file: a full pipe never blocks it)."""
-    port = free_port()
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", SERVE, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env={**os.environ, "DIDE_THREADS": "2", **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return LiveServer(f"http://127.0.0.1:{port}", process, log)
-
-
-def wait_ready(server: LiveServer, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise AssertionError(f"dide-serve exited with {server.process.returncode}:\n{server.log_text()[-3000:]}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"dide-serve not ready after {timeout:g} s:\n{server.log_text()[-3000:]}")
-
-
-def stop_server(server: LiveServer, timeout: float = 30.0) -> int:
-    """SIGTERM (graceful), SIGKILL if it does not stop in time; the exit status."""
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            return server.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
-            raise
-    return server.process.returncode
+    """A live server with two worker threads unless `env` says otherwise."""
+    return start_live_server({"DIDE_THREADS": "2", **env}, log)
 
 
 def run_until_exit(env: dict[str, str], log: Path, timeout: float = 120.0) -> tuple[int, str]:
@@ -103,19 +46,6 @@ def run_until_exit(env: dict[str, str], log: Path, timeout: float = 120.0) -> tu
         server.process.wait()
         raise AssertionError(f"the server did not exit within {timeout:g} s:\n{server.log_text()[-3000:]}") from None
     return rc, server.log_text()
-
-
-def png(seed: int, size: tuple[int, int] = (40, 40), mode: str = "RGB") -> bytes:
-    """A random image of `size` (width, height) in `mode`, encoded as PNG."""
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import flops, latency, load, run
+from bench import flops, latency, load, loadgen, run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -104,13 +104,13 @@ def test_analytic_flops_match_flop_counter() -> None:
 
 
 def test_arrival_times_are_bounded_and_drawn_in_advance() -> None:
-    fixed = load.arrival_times(100.0, 0.5, 1000, "fixed")
+    fixed = loadgen.arrival_times(100.0, 0.5, 1000, "fixed")
     assert len(fixed) == 50 and np.allclose(np.diff(fixed), 0.01)
-    poisson = load.arrival_times(1000.0, 2.0, 10_000, "poisson", seed=1)
+    poisson = loadgen.arrival_times(1000.0, 2.0, 10_000, "poisson", seed=1)
     assert 1800 < len(poisson) < 2200 and poisson.max() < 2.0 and np.all(np.diff(poisson) > 0)
-    assert len(load.arrival_times(1000.0, 2.0, 30, "poisson")) == 30  # bounded in count too
+    assert len(loadgen.arrival_times(1000.0, 2.0, 30, "poisson")) == 30  # bounded in count too
     with pytest.raises(ValueError, match="arrivals"):
-        load.arrival_times(10.0, 1.0, 10, "burst")
+        loadgen.arrival_times(10.0, 1.0, 10, "burst")
 
 
 async def _slow_server(delay_s: float) -> tuple[asyncio.AbstractServer, int]:
@@ -144,13 +144,13 @@ def test_generator_is_open_loop() -> None:
     (a closed-loop client with the same connections would have sent a handful); with only 2 connections,
     the wait for a free connection counts in the latency."""
 
-    async def scenario() -> tuple[list[load.Outcome], list[float], list[load.Outcome]]:
+    async def scenario() -> tuple[list[loadgen.Outcome], list[float], list[loadgen.Outcome]]:
         server, port = await _slow_server(0.3)
         async with server:
-            client = load.RawClient(f"http://127.0.0.1:{port}")
-            times = load.arrival_times(40.0, 0.5, 100, "fixed")
-            wide, lags = await load.open_loop(client, "/x", lambda i: b"{}", times, connections=64, drain_s=5.0)
-            narrow, _ = await load.open_loop(client, "/x", lambda i: b"{}", times, connections=2, drain_s=0.5)
+            client = loadgen.RawClient(f"http://127.0.0.1:{port}")
+            times = loadgen.arrival_times(40.0, 0.5, 100, "fixed")
+            wide, lags = await loadgen.open_loop(client, "/x", lambda i: b"{}", times, connections=64, drain_s=5.0)
+            narrow, _ = await loadgen.open_loop(client, "/x", lambda i: b"{}", times, connections=2, drain_s=0.5)
             assert await client.request("GET", "/x") == 200  # connections cut by the drain were replaced
             await client.aclose()
         return wide, lags, narrow
@@ -159,7 +159,7 @@ def test_generator_is_open_loop() -> None:
     assert len(wide) == 20 and all(o.status == 200 for o in wide)
     assert max(o.sent - o.due for o in wide) < 0.15 and max(lags) < 0.15  # sent when due, not when answered
     assert all(o.done - o.due >= 0.29 for o in wide)
-    summary = load.summarize(narrow, [0.0], 0.5)
+    summary = loadgen.summarize(narrow, [0.0], 0.5)
     assert summary["errors"].get("unfinished", 0) > 0  # cut at the end of the drain, counted as errors
     finished = [o for o in narrow if o.status == 200]
     assert max(o.done - o.due for o in finished) > 0.6  # queued behind 2 connections: latency from due time
@@ -178,7 +178,7 @@ def test_raw_client_resends_on_an_idle_connection_the_server_closed() -> None:
             writer.close()
 
         server = await asyncio.start_server(answer_once, "127.0.0.1", 0)
-        client = load.RawClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        client = loadgen.RawClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
         got: list[int | str] = []
         async with server:
             for _ in range(3):

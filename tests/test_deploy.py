@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +23,9 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from bench.images import b64, solid_png
+from bench.server import free_port, start_server, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -431,12 +431,6 @@ def test_install_script_parses() -> None:
 # ---- live: the api and a real Prometheus with the project's own configuration -----------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -510,14 +504,6 @@ def alert_condition_operand(expr: str) -> str:
     return match.group(1)
 
 
-def png(color: tuple[int, int, int], size: int = 32) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 @pytest.mark.slow
 def test_every_dashboard_and_rule_query_returns_data(tmp_path: Path, tiny_bundle: Path) -> None:
     """Start `dide-serve` and a real Prometheus (the project's config, target rewritten), send traffic, then
@@ -525,25 +511,14 @@ def test_every_dashboard_and_rule_query_returns_data(tmp_path: Path, tiny_bundle
     querying the recorded series; alert rules, which are empty while healthy, by evaluating the quantity
     their condition compares (`X` of `X > threshold`), which must exist."""
     prometheus_bin = tool("prometheus")
-    api_port, prom_port = free_port(), free_port()
+    prom_port = free_port()
     api_log, prom_log = tmp_path / "api.log", tmp_path / "prometheus.log"
-    env = {
-        **os.environ,
-        "DIDE_BUNDLES": str(tiny_bundle),
-        "DIDE_STORE": str(tmp_path / "store"),
-        "DIDE_THREADS": "2",
-    }
-    with api_log.open("w") as log:
-        api = subprocess.Popen(
-            [*entry_point_command("dide-serve"), "--host", "127.0.0.1", "--port", str(api_port)],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    env = {"DIDE_BUNDLES": str(tiny_bundle), "DIDE_STORE": str(tmp_path / "store"), "DIDE_THREADS": "2"}
+    server = start_server(env, api_log)
+    api, api_base = server.process, server.url
     prom_dir = tmp_path / "prometheus"
     prom_dir.mkdir()
-    config = render_prometheus_config(prom_dir, f"127.0.0.1:{api_port}", f"127.0.0.1:{prom_port}")
+    config = render_prometheus_config(prom_dir, api_base.removeprefix("http://"), f"127.0.0.1:{prom_port}")
     with prom_log.open("w") as log:
         prometheus = subprocess.Popen(
             [
@@ -556,9 +531,9 @@ def test_every_dashboard_and_rule_query_returns_data(tmp_path: Path, tiny_bundle
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    api_base, prom_base = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{prom_port}"
+    prom_base = f"http://127.0.0.1:{prom_port}"
     try:
-        wait_until(lambda: http_json(f"{api_base}/readyz")[0] == 200, 120, "the api to be ready", api)
+        wait_ready(server)
         wait_until(
             lambda: urllib.request.urlopen(f"{prom_base}/-/ready", timeout=2).status == 200,
             60,
@@ -567,7 +542,7 @@ def test_every_dashboard_and_rule_query_returns_data(tmp_path: Path, tiny_bundle
         )
         # Traffic: new images (image-cache misses), the same image again (hits), repeated questions (text
         # hits), concurrent requests (micro-batches), and bad requests (4xx).
-        images = [png((40 * i, 255 - 40 * i, 128)) for i in range(4)]
+        images = [b64(solid_png((40 * i, 255 - 40 * i, 128))) for i in range(4)]
         bodies = [{"image": image, "question": f"what shape is it {i % 2}?"} for i, image in enumerate(images * 3)]
         with ThreadPoolExecutor(max_workers=4) as pool:
             statuses = list(pool.map(lambda body: http_json(f"{api_base}/vqa", body)[0], bodies))

@@ -2,54 +2,20 @@
 
 from __future__ import annotations
 
-import base64
-import io
-import os
 import shutil
 import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-QUESTION = "what color is the shape?"
+from bench.server import LiveServer, sample, start_server, stop_server, wait_ready
+from tests.live import QUESTION, b64, png
+
 MAX_BODY = 1_000_000
-SERVE = "import sys; from service.app import main; sys.exit(main(sys.argv[1:]))"
-
-
-@dataclass
-class Server:
-    url: str
-    process: subprocess.Popen
-    log: Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def png(seed: int, size: int = 40) -> bytes:
-    img = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
 
 
 def bomb() -> bytes:
@@ -62,29 +28,14 @@ def bomb() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def start(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    """Run what `dide-serve` runs, on a free port, output to `log` (a file: a full pipe never blocks it)."""
-    port = free_port()
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-c", SERVE, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO,
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    return process, f"http://127.0.0.1:{port}"
-
-
-def metric(client: httpx.Client, line_prefix: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(line_prefix + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+def metric(client: httpx.Client, series: str) -> float:
+    return sample(client.get("/metrics").text, series)
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bundle_factory: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(
+    tiny_bundle_factory: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
     tmp = tmp_path_factory.mktemp("http")
     env = {
         "DIDE_BUNDLES": f"{tiny_bundle_factory('vqa')},{tiny_bundle_factory('reasoning')}",
@@ -92,52 +43,31 @@ def server(tiny_bundle_factory: Callable[[str], Path], tmp_path_factory: pytest.
         "DIDE_MAX_BODY_BYTES": str(MAX_BODY),
         "DIDE_THREADS": "2",
     }
-    process, url = start(env, tmp / "server.log")
-    srv = Server(url, process, tmp / "server.log")
+    srv = start_server(env, tmp / "server.log")
     try:
         yield srv
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            rc = process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
+        rc = stop_server(srv)
     log = srv.log.read_text()
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it so the exit status says why it stopped.
     assert rc in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log[-3000:]
     assert "Traceback" not in log and " 500 " not in log, log[-3000:]
 
 
-def wait_ready(server: Server) -> list[object]:
-    """Poll /readyz until 200; what was seen on the way (connection refused, 503s, then 200)."""
-    deadline = time.monotonic() + 120
-    seen: list[object] = []
-    while time.monotonic() < deadline:
-        assert server.process.poll() is None, server.log.read_text()[-3000:]
-        try:
-            r = httpx.get(f"{server.url}/readyz", timeout=5)
-        except httpx.TransportError:
-            seen.append("refused")  # not listening until the lifespan has loaded and warmed the models
-            time.sleep(0.1)
-            continue
-        seen.append(r.status_code)
-        if r.status_code == 200:
-            return seen
-        assert r.status_code == 503 and r.json()["code"] == "not_ready", r.text
-        time.sleep(0.1)
-    raise AssertionError(f"not ready after 120 s: {seen[-5:]}\n{server.log.read_text()[-3000:]}")
+def loading(r: httpx.Response) -> None:
+    """What /readyz may answer before it answers 200."""
+    assert r.status_code == 503 and r.json()["code"] == "not_ready", r.text
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> Iterator[httpx.Client]:
-    wait_ready(server)
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    wait_ready(server, check=loading)
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
 
 
-def test_readyz_waits_then_names_the_provider(server: Server) -> None:
-    seen = wait_ready(server)
+def test_readyz_waits_then_names_the_provider(server: LiveServer) -> None:
+    seen = wait_ready(server, check=loading)
     assert seen[-1] == 200 and all(s in ("refused", 503) for s in seen[:-1])
     body = httpx.get(f"{server.url}/readyz").json()
     assert body["provider"] == "CPUExecutionProvider" and set(body["models"]) == {"vqa", "reasoning"}
@@ -221,7 +151,7 @@ HOSTILE: list[tuple[str, dict]] = [
 
 
 @pytest.mark.parametrize(("name", "kwargs"), HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_hostile_input_gets_a_json_4xx(client: httpx.Client, server: Server, name: str, kwargs: dict) -> None:
+def test_hostile_input_gets_a_json_4xx(client: httpx.Client, server: LiveServer, name: str, kwargs: dict) -> None:
     r = client.post("/vqa", **kwargs)
     assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
     assert set(r.json()) == {"code", "message"}
@@ -235,7 +165,7 @@ def test_a_tampered_bundle_stops_startup_naming_the_file(
     shutil.copytree(tiny_bundle_factory("vqa"), bad)
     data = (bad / "text_encoder.onnx").read_bytes()
     (bad / "text_encoder.onnx").write_bytes(data[: len(data) // 2])  # truncated
-    process, _ = start({"DIDE_BUNDLES": str(bad), "DIDE_STORE": str(tmp_path / "store")}, tmp_path / "log")
+    process = start_server({"DIDE_BUNDLES": str(bad), "DIDE_STORE": str(tmp_path / "store")}, tmp_path / "log").process
     rc = process.wait(120)
     log = (tmp_path / "log").read_text()
     assert rc != 0

@@ -1,0 +1,81 @@
+"""The load benchmark's report: the markdown summary and table, and the latency/throughput plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def markdown(report: dict) -> str:
+    o, c = report["overhead"], report["capacity"]
+    lines = [
+        "The load generator is **open-loop**: " + report["generator"] + ".",
+        "",
+        f"HTTP+JSON overhead (one request at a time, {o['requests']} requests, cached image, text cache off): "
+        + "; ".join(
+            f"{name}: service p50 {o['p50_ms'][name]:.2f} ms - bare call p50 {o['p50_ms']['bare runtime call']:.2f} ms "
+            f"= **{o['overhead_p50_ms'][name]:.2f} ms** "
+            f"(GET /healthz p50 {o['p50_ms'][name + ' GET /healthz']:.2f} ms; "
+            f"the same POST through httpx p50 {o['p50_ms'].get(name + ' via httpx', float('nan')):.2f} ms)"
+            for name in o["overhead_p50_ms"]
+        ),
+        "",
+        f"Throughput at {c['connections']} concurrent clients (offered {c['offered_rps']:.0f} req/s, cached images"
+        + ("" if c.get("saturated", True) else "; NOT saturated: the servers may do more")
+        + "): "
+        + ", ".join(f"{name} {v:.1f} req/s" for name, v in c["throughput_rps"].items())
+        + f"; ratio on/off **{c['ratio_on_over_off']:.2f}x** (median of paired runs).",
+        "",
+        "| images | server | n | offered/s | done/s | p50 ms | p95 ms | p99 ms | max ms | errors | batch | saturated |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(report["sweep"], key=lambda r: (r["images"], r["server"], r["rate_rps"])):
+        cells = [r["images"], r["server"], str(r["requests"])]
+        cells += [f"{r[k]:.1f}" for k in ("offered_rps", "throughput_rps", "p50_ms")]
+        cells += [f"{r[k]:.1f}" for k in ("p95_ms", "p99_ms", "max_ms")]
+        cells += [f"{100 * r['error_ratio']:.1f}%", f"{r['mean_batch']:.1f}", "yes" if r["saturated"] else "no"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    styles = {"batching on": "-", "batching off": "--"}
+    colors = {"cached": "tab:green", "uploaded": "tab:blue"}
+    for kind in ("cached", "uploaded"):
+        for server, style in styles.items():
+            rs = sorted(
+                (r for r in report["sweep"] if r["images"] == kind and r["server"] == server),
+                key=lambda r: r["rate_rps"],
+            )
+            if not rs:
+                continue
+            x = [r["offered_rps"] for r in rs]
+            label = f"{kind}, {server}"
+            left.plot(x, [r["p50_ms"] for r in rs], style, color=colors[kind], marker="o", ms=3, label=f"p50 {label}")
+            left.plot(
+                x,
+                [r["p99_ms"] for r in rs],
+                style,
+                color=colors[kind],
+                marker="^",
+                ms=3,
+                alpha=0.5,
+                label=f"p99 {label}",
+            )
+            right.plot(x, [r["throughput_rps"] for r in rs], style, color=colors[kind], marker="o", ms=3, label=label)
+    left.set_yscale("log")
+    left.set_xlabel("offered req/s (open-loop)")
+    left.set_ylabel("latency ms (log)")
+    left.legend(fontsize=6)
+    right.set_xlabel("offered req/s (open-loop)")
+    right.set_ylabel("completed req/s")
+    right.legend(fontsize=6)
+    fig.suptitle("dide-serve under open-loop load", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
