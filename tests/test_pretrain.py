@@ -286,6 +286,7 @@ def test_itm_pairs_take_a_hard_negative_or_another_images_caption():
         assert out["target"][:, 0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
         negative = out["input_ids"][4:, 0].tolist()
         torch.testing.assert_close(out["pixels"][4:], batch["pixels"])  # each image once more
+        assert out["pairs"].tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]  # each image's rows, matched first
         if p_hard == 1.0:
             assert negative[0] == 100 and negative[3] in (100, 101)
         else:
@@ -331,12 +332,14 @@ def test_a_hf_itm_checkpoint_is_a_pretrain_teacher(tmp_path, data_dir, capsys):
     assert main(["pretrain", "--teacher", str(hf), "--data", SCENES, "--out", str(out), *FAST]) == 0
     student = load_student(out)
     assert (student.model.config.task, student.model.config.num_labels, student.labels) == ("itm", 1, ["match"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["ranking"] is True and config["training"]["head_lr_mult"] == 1.0  # official: 10 for VQA only
     result = run_eval(capsys, out)
     assert result["task"] == "itm" and 0.0 <= result["accuracy"] <= 1.0
-    assert result["n"] == 2 * 12  # each test image with its caption and one negative
+    assert result["n"] == 12  # a ranking head: each test image, its caption against one negative
     capsys.readouterr()
     assert main(["eval", "--model", str(hf), "--data", SCENES]) == 0  # a HF checkpoint names no data of its own
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 24
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 12
     assert main(["distill", "--task", "vqa", "--teacher", str(hf), "--data", SCENES, "--out", str(tmp_path / "x")]) == 2
     assert "is a teacher for itm, not for vqa" in capsys.readouterr().err
 
@@ -359,6 +362,7 @@ def test_two_stages_teacher_pretrain_teacher_distill_eval(stage1, tmp_path, caps
     itm_teacher, stage1_student = stage1
     assert json.loads((itm_teacher / "dide.json").read_text())["task"] == "itm"
     assert run_eval(capsys, itm_teacher)["n"] == 24 and run_eval(capsys, stage1_student)["task"] == "itm"
+    assert json.loads((stage1_student / "config.json").read_text())["ranking"] is False  # a BCE-trained teacher
 
     teacher, student = tmp_path / "teacher", tmp_path / "student"
     argv = ["teacher", "--task", "vqa", "--data", SCENES, "--init", str(itm_teacher), "--out", str(teacher), *FAST]

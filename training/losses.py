@@ -28,6 +28,16 @@ def softmax_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature:
     return F.kl_div(s.log_softmax(-1), t.log_softmax(-1), reduction="batchmean", log_target=True) * temperature**2
 
 
+def ranking_kd_loss(student_logits: Tensor, teacher_logits: Tensor, pairs: Tensor) -> Tensor:
+    """KD for an ITM head trained as a ranking score: softmax KD over each image's captions.
+
+    logits: (N, 1), one score per image-caption pair; pairs: (P, C) row indices of one image's captions
+    (matched first). Both models' scores are softmaxed over each row of `pairs`, as ViLT's retrieval
+    fine-tuning trained the teacher's head, so only score differences within an image count.
+    """
+    return softmax_kd_loss(student_logits[:, 0][pairs], teacher_logits[:, 0][pairs])
+
+
 def vqa_gt_loss(logits: Tensor, soft_targets: Tensor) -> Tensor:
     """BCEWithLogits against the VQA soft scores, times the answer count (ViLT's VQA loss; ITM's BCE)."""
     return F.binary_cross_entropy_with_logits(logits.float(), soft_targets.float()) * logits.shape[1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -15,6 +16,7 @@ from transformers import (
     ViltForImageAndTextRetrieval,
     ViltForImagesAndTextClassification,
     ViltForQuestionAnswering,
+    ViltModel,
 )
 
 from core.atomic import atomic_directory
@@ -44,6 +46,7 @@ SIZES: dict[str, dict] = {
         patch_size=32,
     ),
 }
+log = logging.getLogger(__name__)
 MAX_TEXT_LEN = 40  # position embeddings of from-scratch teachers (ViLT's max_text_len)
 
 TeacherModel = ViltForQuestionAnswering | ViltForImagesAndTextClassification | ViltForImageAndTextRetrieval
@@ -74,6 +77,10 @@ class Teacher:
     image_spec: ImageSpec
     text: TextEncoder
     data: str
+    # ITM only: the logit is a ranking score, trained with a softmax over one image's captions (HF's
+    # ViltForImageAndTextRetrieval checkpoints, as ViLT's retrieval fine-tuning), not a match logit
+    # trained with BCE (`dide-train teacher --task itm`): distilled and scored per image, never by its sign.
+    ranking: bool = False
 
     def __post_init__(self) -> None:
         _raster_order_patches(self.model.vilt.embeddings)
@@ -123,8 +130,8 @@ class Teacher:
             qk.append((q[:, :, :L], k[:, :, :L], q[:, :, L:], k[:, :, L:]))
         return FusionOutput(logits, qk)
 
-    def save(self, directory: str | Path) -> None:
-        """save_pretrained + tokenizer.json + dide.json (task, labels, preprocessing), atomically."""
+    def save(self, directory: str | Path, extra: dict | None = None) -> None:
+        """save_pretrained + tokenizer.json + dide.json (task, labels, preprocessing, `extra`), atomically."""
 
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp)
@@ -136,6 +143,7 @@ class Teacher:
                 "image_spec": self.image_spec.to_dict(),
                 "max_text_len": self.text.max_len,
                 "data": self.data,
+                **(extra or {}),
             }
             (tmp / "dide.json").write_text(json.dumps(meta, indent=2))
 
@@ -256,7 +264,8 @@ def load_teacher(directory: str | Path, task: str | None = None, data: str = "")
     max_len = meta.get("max_text_len", cfg.max_position_embeddings)
     text = TextEncoder(load_checkpoint_tokenizer(directory), max_len)
     model.eval()
-    return Teacher(model, task, labels, spec, text, meta.get("data", data))
+    # Without dide.json the ITM head is as published: HF retrieval models rank captions (softmax).
+    return Teacher(model, task, labels, spec, text, meta.get("data", data), ranking=task == "itm" and not meta)
 
 
 def teacher_for_task(base: Teacher, task: str, labels: list[str], data: str, max_text_len: int) -> Teacher:
@@ -289,13 +298,57 @@ def teacher_for_task(base: Teacher, task: str, labels: list[str], data: str, max
     return Teacher(model, task, labels, base.image_spec, TextEncoder(tokenizer, max_text_len), data)
 
 
-def student_from_teacher(teacher: Teacher, text_layers: int | None = None) -> DualEncoderStudent:
-    """A student whose two towers both start from the teacher's ViLT weights (as the official code).
+def student_from_teacher(teacher: Teacher, text_layers: int | None = None, dropout: float = 0.0) -> DualEncoderStudent:
+    """A student whose two towers both start from the teacher's ViLT weights.
 
     With `text_layers` smaller than the teacher's depth, the text tower keeps the teacher's first
     layers and its last layer (so the distilled last-layer attention starts from the teacher's).
     """
-    c = teacher.config
+    return _student_from_vilt(teacher.model.vilt, teacher, text_layers, dropout)
+
+
+def is_vilt_checkpoint(directory: str | Path) -> bool:
+    """Whether `directory` holds a Hugging Face ViLT checkpoint (any Vilt* class, our teachers included)."""
+    path = Path(directory) / "config.json"
+    return path.is_file() and json.loads(path.read_text()).get("model_type") == "vilt"
+
+
+def student_from_pretrained(
+    directory: str | Path, teacher: Teacher, text_layers: int | None = None, dropout: float = 0.0
+) -> DualEncoderStudent:
+    """A student whose two towers both start from a ViLT checkpoint other than the teacher, as the official
+    code does: each tower loads `load_path` (the pre-trained ViLT), the teacher `teacher_load_path`.
+
+    Any Vilt* class saved with save_pretrained works (ViltModel, ViltForMaskedLM, an ITM or task model:
+    heads are ignored; ViltForMaskedLM has no pooler, so the towers' poolers start fresh), with the
+    tokenizer.json beside it, which must be the teacher's: both read the same token ids. Width and depth
+    may differ from the teacher's; heads, image and patch size may not (the maps are compared per head
+    and per patch).
+    """
+    vilt, info = ViltModel.from_pretrained(directory, output_loading_info=True)
+    c, t = vilt.config, teacher.config
+    sizes = [
+        ("vocab size", c.vocab_size, t.vocab_size),
+        ("attention heads", c.num_attention_heads, t.num_attention_heads),
+        ("image size", c.image_size, t.image_size),
+        ("patch size", c.patch_size, t.patch_size),
+    ]
+    _require_fit(directory, "checkpoint", sizes, load_checkpoint_tokenizer(directory), teacher)
+    if c.max_position_embeddings < teacher.text.max_len:
+        raise ValueError(
+            f"{directory} has {c.max_position_embeddings} text positions, fewer than the teacher's text length "
+            f"{teacher.text.max_len}"
+        )
+    if info["missing_keys"]:
+        log.warning("%s: not in the checkpoint, starting fresh: %s", directory, ", ".join(info["missing_keys"]))
+    return _student_from_vilt(vilt, teacher, text_layers, dropout)
+
+
+def _student_from_vilt(
+    vilt: ViltModel, teacher: Teacher, text_layers: int | None, dropout: float
+) -> DualEncoderStudent:
+    """A student for `teacher`'s task and text length with both towers copied from `vilt`."""
+    c = vilt.config
     depth = c.num_hidden_layers
     cfg = StudentConfig(
         task=teacher.task,
@@ -310,9 +363,9 @@ def student_from_teacher(teacher: Teacher, text_layers: int | None = None) -> Du
         num_heads=c.num_attention_heads,
         intermediate_size=c.intermediate_size,
         layer_norm_eps=c.layer_norm_eps,
+        dropout=dropout,
     )
     student = DualEncoderStudent(cfg)
-    vilt = teacher.model.vilt
     emb = vilt.embeddings
     with torch.no_grad():
         img, txt = student.image_tower, student.text_tower
@@ -347,12 +400,13 @@ def _copy_layer(dst: nn.Module, src: nn.Module) -> None:
     dst.output.load_state_dict(src.output.dense.state_dict())
 
 
-def student_for_teacher(directory: str | Path, teacher: Teacher) -> DualEncoderStudent:
+def student_for_teacher(directory: str | Path, teacher: Teacher, dropout: float | None = None) -> DualEncoderStudent:
     """A saved student (e.g. stage 1's, distilled on image-text matching) ready to distil `teacher`.
 
     Both towers and the fusion MLP are kept; the head is new when the task or labels differ, and the
-    text positions follow the teacher's text length (new rows start fresh). Refused when the student's
-    tokenizer or tower shapes differ from the teacher's: distillation compares them token by token.
+    text positions follow the teacher's text length (new rows start fresh); `dropout` replaces the saved
+    one. Refused when the student's tokenizer or tower shapes differ from the teacher's: distillation
+    compares them token by token.
     """
     loaded = load_student(directory)
     c, t = loaded.model.config, teacher.config
@@ -365,16 +419,11 @@ def student_for_teacher(directory: str | Path, teacher: Teacher) -> DualEncoderS
         ("image size", c.image_size, t.image_size),
         ("patch size", c.patch_size, t.patch_size),
     ]
-    mismatched = [f"{name} {a} (student) != {b} (teacher)" for name, a, b in sizes if a != b]
-    if _tokenizer_content(loaded.text.tokenizer) != _tokenizer_content(teacher.text.tokenizer):
-        mismatched.append("its tokenizer.json differs from the teacher's")
-    if mismatched:
-        raise ValueError(
-            f"the student in {directory} does not fit the teacher: {'; '.join(mismatched)}. Fine-tune the "
-            "teacher from the stage-1 teacher (dide-train teacher --init ITM_TEACHER) so both share its tokenizer"
-        )
+    _require_fit(directory, "student", sizes, loaded.text.tokenizer, teacher)
     same_head = (c.task, loaded.labels) == (teacher.task, teacher.labels)
     cfg = replace(c, task=teacher.task, num_labels=len(teacher.labels), max_text_len=teacher.text.max_len)
+    if dropout is not None:
+        cfg = replace(cfg, dropout=dropout)
     if same_head and cfg == c:
         return loaded.model
     student = DualEncoderStudent(cfg)
@@ -384,6 +433,20 @@ def student_for_teacher(directory: str | Path, teacher: Teacher) -> DualEncoderS
     missing, unexpected = student.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("classifier.") for k in missing), (missing, unexpected)
     return student
+
+
+def _require_fit(
+    directory: str | Path, what: str, sizes: list[tuple[str, int, int]], tokenizer: Tokenizer, teacher: Teacher
+) -> None:
+    """Refuse a starting point whose sizes (name, its value, the teacher's) or tokenizer differ from the teacher's."""
+    mismatched = [f"{name} {a} ({what}) != {b} (teacher)" for name, a, b in sizes if a != b]
+    if _tokenizer_content(tokenizer) != _tokenizer_content(teacher.text.tokenizer):
+        mismatched.append("its tokenizer.json differs from the teacher's")
+    if mismatched:
+        raise ValueError(
+            f"the {what} in {directory} does not fit the teacher: {'; '.join(mismatched)}. Fine-tune the "
+            "teacher from the same checkpoint (dide-train teacher --init DIR) so both share its tokenizer"
+        )
 
 
 def _tokenizer_content(tokenizer: Tokenizer) -> dict:

@@ -47,8 +47,10 @@ from training.teacher import (
     Teacher,
     build_teacher,
     checkpoint_task,
+    is_vilt_checkpoint,
     load_teacher,
     student_for_teacher,
+    student_from_pretrained,
     student_from_teacher,
     teacher_for_task,
     text_length,
@@ -131,7 +133,8 @@ def itm_pairs(batch: dict[str, Tensor], generator: torch.Generator, p_hard: floa
     Each image comes with its caption (target 1) and with one negative (target 0): with probability
     `p_hard` one of its hard negatives when it has any, else the caption of another image in the batch
     (another image and another caption string); an image with neither gets no negative. The draws come
-    from `generator` only, so a seed fixes them.
+    from `generator` only, so a seed fixes them. `pairs` (n, 2) holds each image's rows, matched first, for
+    a ranking teacher's softmax over an image's captions.
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     image, caption, count = (batch[k].cpu() for k in ("image_id", "caption_id", "negative_count"))
@@ -157,6 +160,7 @@ def itm_pairs(batch: dict[str, Tensor], generator: torch.Generator, p_hard: floa
         "attention_mask": torch.stack([*mask, *neg_mask]),
         "pixels": torch.cat([batch["pixels"], batch["pixels"][rows_index]]),
         "target": torch.cat([target, target.new_zeros(len(rows), 1)]),
+        "pairs": torch.stack([rows_index, len(ids) + torch.arange(len(rows), device=ids.device)], dim=1),
     }
 
 
@@ -212,6 +216,11 @@ class LossWeights:
     i2t: bool = True
 
 
+def loss_weights(args) -> LossWeights:
+    """The loss weights the distillation flags ask for (--w-gt, --w-pred, --w-attn, --no-t2i, --no-i2t)."""
+    return LossWeights(gt=args.w_gt, pred=args.w_pred, attn=args.w_attn, t2i=not args.no_t2i, i2t=not args.no_i2t)
+
+
 # Tasks scored with a sigmoid per label (VQA's soft answers; ITM's one logit), the others with a softmax.
 SIGMOID_TASKS = ("vqa", "itm")
 
@@ -222,7 +231,10 @@ def gt_loss(task: str, logits: Tensor, target: Tensor, label_smoothing: float) -
     return losses.ce_gt_loss(logits, target, label_smoothing)
 
 
-def pred_kd_loss(task: str, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+def pred_kd_loss(task: str, student_logits: Tensor, teacher_logits: Tensor, pairs: Tensor | None = None) -> Tensor:
+    """The task's prediction KD; with `pairs` (an ITM teacher that ranks captions) a softmax over each image's."""
+    if pairs is not None:
+        return losses.ranking_kd_loss(student_logits, teacher_logits, pairs)
     if task in SIGMOID_TASKS:
         return losses.vqa_kd_loss(student_logits, teacher_logits)
     return losses.softmax_kd_loss(student_logits, teacher_logits)
@@ -249,6 +261,7 @@ def distill_step(
     view: nn.Module, teacher: Teacher, batch: dict[str, Tensor], task: str, w: LossWeights, ls: float
 ) -> tuple[Tensor, dict[str, float]]:
     """One DiDE step: the frozen teacher's logits and last-layer q/k, the student's towers and head."""
+    assert not teacher.model.training, "the teacher distils in eval mode (no dropout), as the official code"
     ids, mask, pixels, pixels2 = batch["input_ids"], batch["attention_mask"], batch["pixels"], batch.get("pixels2")
     need_attn = w.attn > 0 and (w.t2i or w.i2t)
     parts: dict[str, Tensor] = {}
@@ -259,7 +272,8 @@ def distill_step(
     if w.gt > 0:
         parts["gt"] = w.gt * gt_loss(task, logits, batch["target"], ls)
     if w.pred > 0:
-        parts["pred"] = w.pred * pred_kd_loss(task, logits, t_out.logits)
+        pairs = batch["pairs"] if teacher.ranking else None
+        parts["pred"] = w.pred * pred_kd_loss(task, logits, t_out.logits, pairs)
     if need_attn:
         attn = sum(
             losses.cross_modal_attention_loss(
@@ -282,6 +296,10 @@ def teacher_step(teacher: nn.Module, wrapper: Teacher, batch: dict[str, Tensor],
         logits = teacher(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
     loss = gt_loss(wrapper.task, logits, batch["target"], ls)
     return loss, {"gt": float(loss.detach())}
+
+
+# Heads' learning-rate multiplier by task, as the official configs: lr_mult = 10 only for VQA.
+HEAD_LR_MULT = {"vqa": 10.0}
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float):
@@ -387,7 +405,8 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
                 raise FloatingPointError(f"non-finite loss at step {step}: {parts}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            if args.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -461,8 +480,14 @@ def cmd_teacher(args) -> int:
     def step_fn(m, batch):
         return teacher_step(m, teacher, batches(batch), args.label_smoothing)
 
-    train_loop(args, model, step_fn, train_set, lambda: teacher.save(args.out))
+    train_loop(args, model, step_fn, train_set, lambda: teacher.save(args.out, {"training": training_settings(args)}))
     return 0
+
+
+def training_settings(args) -> dict:
+    """The optimisation settings a run used, saved beside its weights (the head multiplier as resolved)."""
+    keys = ("lr", "head_lr_mult", "weight_decay", "warmup", "clip", "epochs", "batch_size", "augment", "dropout")
+    return {k: getattr(args, k) for k in (*keys, "init", "seed") if hasattr(args, k)}
 
 
 def cmd_distill(args) -> int:
@@ -471,12 +496,14 @@ def cmd_distill(args) -> int:
     data = limit_train(load_data(args.data or teacher.data, args.task), args.max_train, args.seed)
     teacher.model.requires_grad_(False).eval()
     if args.init == "teacher":
-        student = student_from_teacher(teacher, args.text_layers)
+        student = student_from_teacher(teacher, args.text_layers, args.dropout)
     elif args.init == "scratch":
-        student = DualEncoderStudent(student_from_teacher(teacher, args.text_layers).config)
+        student = DualEncoderStudent(student_from_teacher(teacher, args.text_layers, args.dropout).config)
+    elif is_vilt_checkpoint(args.init):  # the official way: a pre-trained ViLT in both towers
+        student = student_from_pretrained(args.init, teacher, args.text_layers, args.dropout)
     else:
-        student = student_for_teacher(args.init, teacher).train()
-    w = LossWeights(gt=args.w_gt, pred=args.w_pred, attn=args.w_attn, t2i=not args.no_t2i, i2t=not args.no_i2t)
+        student = student_for_teacher(args.init, teacher, args.dropout).train()
+    w = loss_weights(args)
     train_set = ExampleDataset(
         data, "train", teacher.labels, teacher.text, teacher.image_spec, args.augment, blind=args.blind
     )
@@ -502,7 +529,13 @@ def cmd_distill(args) -> int:
             tokenizer=teacher.text.tokenizer,
             image_spec=teacher.image_spec,
             data=args.data or teacher.data,
-            extra={"blind": args.blind, "loss_weights": vars(w), "teacher": str(args.teacher)},
+            extra={
+                "blind": args.blind,
+                "loss_weights": vars(w),
+                "teacher": str(args.teacher),
+                "ranking": teacher.ranking,
+                "training": training_settings(args),
+            },
         )
 
     train_loop(args, StudentTrainingView(student), step_fn, train_set, save)
@@ -519,7 +552,9 @@ def evaluate_dir(
 ) -> dict:
     """Accuracy (and VQA score for VQAv2) of a teacher or student directory on a split.
 
-    For itm: each test pair with its caption and one negative (itm_pairs, a fixed seed); `n` counts both.
+    For itm: each test pair with its caption and one negative (itm_pairs, a fixed seed); `n` counts both,
+    or for a ranking head (an HF retrieval teacher and its students) the images, each right when its caption
+    outscores the negative.
     """
     meta = read_config(model_dir) if (Path(model_dir) / "config.json").is_file() else {}
     if meta.get("kind") == "student":
@@ -531,14 +566,14 @@ def evaluate_dir(
             loaded.text,
             loaded.model.config.task,
         )
-        spec_str, blind = data_spec or loaded.data, meta.get("blind")
+        spec_str, blind, ranking = data_spec or loaded.data, meta.get("blind"), meta.get("ranking", False)
 
         def forward(b):
             return model(b["input_ids"], b["attention_mask"], b["pixels"], b.get("pixels2"))
     else:
         teacher = load_teacher(model_dir)
         labels, spec, text, task = teacher.labels, teacher.image_spec, teacher.text, teacher.task
-        spec_str, blind = data_spec or teacher.data, None
+        spec_str, blind, ranking = data_spec or teacher.data, None, teacher.ranking
 
         def forward(b):
             return teacher.forward(b["input_ids"], b["attention_mask"], b["pixels"], b.get("pixels2")).logits
@@ -552,7 +587,10 @@ def evaluate_dir(
     for batch in DataLoader(ds, batch_size=batch_size):
         batch = batches(batch)
         logits, target = forward(batch), batch["target"]
-        if task == "itm":  # one logit: right when its sign says whether the pair matches
+        if ranking:  # a ranking score: right when an image's caption outscores its negative; n counts images
+            scores = logits[:, 0][batch["pairs"]]  # (P, 2)
+            got = (scores[:, 0] > scores[:, 1]).float()
+        elif task == "itm":  # one logit: right when its sign says whether the pair matches
             got = (target[:, 0] > 0.5).eq(logits[:, 0] > 0).float()
         else:
             got = target.gather(1, logits.argmax(-1)[:, None])[:, 0]
@@ -597,10 +635,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-train", type=int, default=None, help="train on a seeded random subset of N examples")
         sp.add_argument("--batch-size", type=int, default=64, help="batch size per process")
         sp.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-        sp.add_argument("--head-lr-mult", type=float, default=10.0, help="learning-rate multiplier for the heads")
+        sp.add_argument(
+            "--head-lr-mult",
+            type=float,
+            default=None,
+            help="learning-rate multiplier for the task head (default as the official configs: 10 for vqa, else 1)",
+        )
         sp.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
         sp.add_argument("--warmup", type=float, default=0.1, help="warm-up as a fraction of all steps")
-        sp.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+        sp.add_argument(
+            "--clip", type=float, default=1.0, help="gradient-norm clipping (0: none, as the official code)"
+        )
         sp.add_argument("--label-smoothing", type=float, default=0.0, help="for the cross-entropy GT loss")
         sp.add_argument(
             "--augment",
@@ -633,9 +678,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument(
             "--init",
             default="teacher",
-            help="student initialisation: teacher (its weights), scratch, or a student directory (e.g. stage 1's "
+            help="student initialisation: teacher (its ViLT weights in both towers), scratch, a HF ViLT checkpoint "
+            "directory with the teacher's tokenizer.json (e.g. a pre-trained ViltModel/ViltForMaskedLM, or an ITM "
+            "teacher: both towers start from it, as the official code), or a student directory (e.g. stage 1's "
             "`pretrain` output: its towers and fusion, a new head for this task)",
         )
+        sp.add_argument("--dropout", type=float, default=0.1, help="the student towers' dropout (official: 0.1)")
         sp.add_argument("--text-layers", type=int, default=None, help="a shallower text tower (default: teacher's)")
         sp.add_argument("--w-gt", type=float, default=0.0, help="weight of the ground-truth loss (official: 0)")
         sp.add_argument("--w-pred", type=float, default=1.0, help="weight of prediction distillation")
@@ -670,8 +718,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, with the head learning-rate multiplier defaulting to its task's (HEAD_LR_MULT)."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "head_lr_mult", 0.0) is None:
+        args.head_lr_mult = HEAD_LR_MULT.get(args.task, 1.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
