@@ -397,10 +397,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"FAIL {store.directory}: {p}")
         return 1
-    print(
-        f"OK {store.directory}: {len(store)} rows of dim {store.dim}, {len(store.commits())} commits, "
-        f"{len(store.user_ids())} user ids, index {store.index_kind}"
-    )
+    held = f"{len(store)} rows of dim {store.dim}, {len(store.commits())} commits, {len(store.user_ids())} user ids"
+    print(f"OK {store.directory}: {held}, index {store.index_kind}")
     return 0
 
 

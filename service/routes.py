@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
-from service.bodies import parse_body
+from service.bodies import M, parse_body
 from service.dependencies import EngineDep, MetricsDep, SettingsDep, require_api_key, require_ready
+from service.engine import Engine
 from service.errors import error_response
 from service.openapi import ERRORS, form_schema, request_body
 from service.schemas import (
@@ -31,59 +34,57 @@ from service.schemas import (
     VQARequest,
     VQAResponse,
 )
+from service.settings import Settings
+
+VQA_FORM = form_schema("VQAForm", "question")
+ENTAILMENT_FORM = form_schema("EntailmentForm", "hypothesis")
+ENTAILMENT_SUMMARY = "Does the image entail, contradict or leave open the hypothesis?"
 
 router = APIRouter()
 guarded = [Depends(require_api_key), Depends(require_ready)]
 
 
-@router.post(
-    "/vqa",
-    response_model=VQAResponse,
-    responses=ERRORS,
-    dependencies=guarded,
-    openapi_extra=request_body(VQARequest, form_schema("VQAForm", "question")),
-    summary="Answer a question about an image",
-)
-async def vqa(request: Request, engine: EngineDep, settings: SettingsDep):
-    engine.model("vqa")  # a task not served is a 404 before the body is read
-    req = await parse_body(request, VQARequest, settings, multipart=True)
-    a = await engine.vqa(req.question, req.ref(), req.top_k)
-    return VQAResponse(
-        answers=[Answer(answer=label, score=score) for label, score in a.answers],
-        image_id=a.image.sha256,
-        cached=a.image.cached,
-        model_id=a.model_id,
+def task_route(
+    path: str, body: type[BaseModel], response: type[BaseModel], summary: str, form: dict[str, Any] | None = None
+) -> Callable:
+    """POST `path` for one task: guarded, the shared error responses, a JSON body (or `form`) documented."""
+    return router.post(
+        path,
+        response_model=response,
+        responses=ERRORS,
+        dependencies=guarded,
+        openapi_extra=request_body(body, form),
+        summary=summary,
     )
 
 
-@router.post(
-    "/entailment",
-    response_model=EntailmentResponse,
-    responses=ERRORS,
-    dependencies=guarded,
-    openapi_extra=request_body(EntailmentRequest, form_schema("EntailmentForm", "hypothesis")),
-    summary="Does the image entail, contradict or leave open the hypothesis?",
-)
+async def task_request(
+    request: Request, engine: Engine, settings: Settings, task: str, model: type[M], *, multipart: bool
+) -> M:
+    engine.model(task)  # a task not served is a 404 before the body is read
+    return await parse_body(request, model, settings, multipart=multipart)
+
+
+@task_route("/vqa", VQARequest, VQAResponse, "Answer a question about an image", VQA_FORM)
+async def vqa(request: Request, engine: EngineDep, settings: SettingsDep):
+    req = await task_request(request, engine, settings, "vqa", VQARequest, multipart=True)
+    a = await engine.vqa(req.question, req.ref(), req.top_k)
+    answers = [Answer(answer=label, score=score) for label, score in a.answers]
+    return VQAResponse(answers=answers, image_id=a.image.sha256, cached=a.image.cached, model_id=a.model_id)
+
+
+@task_route("/entailment", EntailmentRequest, EntailmentResponse, ENTAILMENT_SUMMARY, ENTAILMENT_FORM)
 async def entailment(request: Request, engine: EngineDep, settings: SettingsDep):
-    engine.model("entailment")  # a task not served is a 404 before the body is read
-    req = await parse_body(request, EntailmentRequest, settings, multipart=True)
+    req = await task_request(request, engine, settings, "entailment", EntailmentRequest, multipart=True)
     a = await engine.entailment(req.hypothesis, req.ref())
     return EntailmentResponse(
         label=a.label, scores=a.scores, image_id=a.image.sha256, cached=a.image.cached, model_id=a.model_id
     )
 
 
-@router.post(
-    "/reasoning",
-    response_model=ReasoningResponse,
-    responses=ERRORS,
-    dependencies=guarded,
-    openapi_extra=request_body(ReasoningRequest),
-    summary="Is the statement true of the pair of images?",
-)
+@task_route("/reasoning", ReasoningRequest, ReasoningResponse, "Is the statement true of the pair of images?")
 async def reasoning(request: Request, engine: EngineDep, settings: SettingsDep):
-    engine.model("reasoning")  # a task not served is a 404 before the body is read
-    req = await parse_body(request, ReasoningRequest, settings, multipart=False)
+    req = await task_request(request, engine, settings, "reasoning", ReasoningRequest, multipart=False)
     a = await engine.reasoning(req.statement, [ref.ref() for ref in req.images])
     return ReasoningResponse(
         label=a.label,
