@@ -25,7 +25,16 @@ import onnxruntime as ort
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.measure import RESULTS, header, interleaved, set_threads, summary_ms, write_json
+from bench.measure import (
+    RESULTS,
+    add_model_grid_args,
+    header,
+    interleaved,
+    save_figure,
+    set_threads,
+    summary_ms,
+    write_results,
+)
 from bench.models import build_models, bundles, real_request
 from export.runtime import Bundle
 from training.student import StudentConfig
@@ -281,16 +290,13 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("% of measured matmul peak")
     ax.set_title(f"Achieved FLOP/s vs matmul peak {report['peak']['peak_gflops']:.1f} GFLOP/s")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"3 rounds; skip calls over {QUICK_MAX_GFLOP:g} GFLOP")
-    parser.add_argument("--sizes", nargs="+", default=["small", "base"], help="model sizes (training.teacher.SIZES)")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32], help="batch sizes")
+    add_model_grid_args(parser)
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3 quick, 7 full)")
     parser.add_argument("--threads", type=int, default=1, help="threads for torch, numpy and ONNX Runtime")
     parser.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmul that measures peak")
@@ -303,9 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ort.set_default_logger_severity(3)
     with tempfile.TemporaryDirectory(prefix="dide-bench-") as tmp:
         report = measure(args, args.work or Path(tmp))
-    write_json(args.out / "flops.json", report)
-    (args.out / "flops.md").write_text(markdown(report))
-    plot(report, args.out / "flops.png")
+    write_results(args.out, "flops", report, markdown, plot)
     return 0
 
 

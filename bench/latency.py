@@ -32,12 +32,14 @@ import torch
 from bench.flops import head_flops, image_tower_flops, teacher_flops, text_tower_flops
 from bench.measure import (
     RESULTS,
+    add_model_grid_args,
     header,
     interleaved,
     paired_ratio,
+    save_figure,
     set_threads,
     summary_ms,
-    write_json,
+    write_results,
 )
 from bench.models import SHALLOW_TEXT_LAYERS, Models, Request, build_models, bundles, real_request
 from export.runtime import Bundle
@@ -274,16 +276,13 @@ def plot(report: dict, path: Path) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("median ms per call (log); labels: speed-up vs the teacher")
         ax.set_title(f"{g['size']}, batch {g['batch']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"few rounds; skip calls over {QUICK_MAX_GFLOP:g} GFLOP")
-    parser.add_argument("--sizes", nargs="+", default=["small", "base"], help="model sizes (training.teacher.SIZES)")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32], help="batch sizes")
+    add_model_grid_args(parser)
     parser.add_argument(
         "--max-gflop", type=float, help=f"skip calls over this many GFLOP (default {QUICK_MAX_GFLOP:g} with --quick)"
     )
@@ -324,9 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "shallow_text_layers": SHALLOW_TEXT_LAYERS,
         "groups": groups,
     }
-    write_json(args.out / "latency.json", report)
-    (args.out / "latency.md").write_text(markdown(report))
-    plot(report, args.out / "latency.png")
+    write_results(args.out, "latency", report, markdown, plot)
     return 0
 
 

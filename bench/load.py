@@ -39,8 +39,8 @@ import uvloop
 from bench.images import b64, distinct_pngs
 from bench.load_report import markdown, plot
 from bench.loadgen import RawClient, arrival_times, open_loop, summarize
-from bench.measure import RESULTS, header, percentile, write_json
-from bench.server import LiveServer, sample, start_server, stop_server, wait_ready
+from bench.measure import RESULTS, configure_logging, header, percentile, write_results
+from bench.server import LiveServer, random_bundle, sample, server_env, start_server, stop_server, wait_ready
 from export.runtime import Bundle
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,8 @@ def servers(bundle: Path, work: Path, modes: dict[str, bool]) -> Iterator[dict[s
     try:
         for name, batching in modes.items():
             slug = name.replace(" ", "-")
-            env = {
-                "DIDE_BUNDLES": str(bundle),
-                "DIDE_STORE": str(work / f"store-{slug}"),
-                "DIDE_BATCHING": "true" if batching else "false",
-                "DIDE_TEXT_CACHE_SIZE": "0",
-                "DIDE_LOG_LEVEL": "WARNING",
-            }
+            store = work / f"store-{slug}"
+            env = server_env([bundle], store, batching=batching, text_cache_size=0, log_level="WARNING")
             started[name] = start_server(env, work / f"server-{slug}.log")
         for server in started.values():
             wait_ready(server, READY_TIMEOUT_S)
@@ -346,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for load.json, .md and .png")
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(quiet=("httpx",))
     plan = QUICK if args.quick else FULL
     overrides = {
         "duration_s": args.duration,
@@ -358,15 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dide-bench-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        bundle_dir = args.bundle
-        if bundle_dir is None:
-            from bench.models import build_models, write_bundle
-
-            models = build_models(args.size)
-            bundle_dir = write_bundle(
-                models.student, work / args.size / "deep-fp32", models.text, models.labels, "fp32"
-            )
-            del models
+        bundle_dir = args.bundle or random_bundle(args.size, work)
         with tempfile.TemporaryDirectory(prefix="load-", dir=work) as run_dir:
             body = uvloop.run(measure(args, plan, bundle_dir, Path(run_dir)))  # the generator costs less CPU
     report = {
@@ -375,9 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "bundle": str(args.bundle) if args.bundle else f"random-weight {args.size} student (bench.models)",
         **body,
     }
-    write_json(args.out / "load.json", report)
-    (args.out / "load.md").write_text(markdown(report))
-    plot(report, args.out / "load.png")
+    write_results(args.out, "load", report, markdown, plot)
     return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench.measure import save_figure
+
 
 def markdown(report: dict) -> str:
     o, c = report["overhead"], report["capacity"]
@@ -76,6 +78,4 @@ def plot(report: dict, path: Path) -> None:
     right.set_ylabel("completed req/s")
     right.legend(fontsize=6)
     fig.suptitle("dide-serve under open-loop load", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

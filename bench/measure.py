@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -14,8 +15,12 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.atomic import write_file_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +157,33 @@ def summary_ms(samples: list[float]) -> dict:
         "max_ms": 1000 * max(samples),
         "samples": len(samples),
     }
+
+
+def configure_logging(quiet: tuple[str, ...] = ()) -> None:
+    """INFO with times, for a benchmark's main(); the `quiet` loggers (e.g. httpx's per request) at WARNING."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in quiet:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def add_model_grid_args(parser: argparse.ArgumentParser) -> None:
+    """--sizes and --batches: the grid of models and batch sizes a per-call benchmark measures."""
+    parser.add_argument("--sizes", nargs="+", default=["small", "base"], help="model sizes (training.teacher.SIZES)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 32], help="batch sizes")
+
+
+def save_figure(fig: Figure, path: Path, dpi: int = 110) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def write_results(
+    out: Path, name: str, report: dict, markdown: Callable[[dict], str], plot: Callable[[dict, Path], None]
+) -> None:
+    """OUT/NAME.json, NAME.md (the markdown of the report) and NAME.png (its plot)."""
+    write_json(out / f"{name}.json", report)
+    (out / f"{name}.md").write_text(markdown(report))
+    plot(report, out / f"{name}.png")

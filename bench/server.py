@@ -3,13 +3,14 @@ waited for, measured (resident memory, Prometheus samples) and stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,19 +21,40 @@ REPO = Path(__file__).resolve().parents[1]
 SERVE = "import sys; from service.app import main; sys.exit(main(sys.argv[1:]))"
 
 
+def random_bundle(size: str, work: Path) -> Path:
+    """A bundle to serve when none is given: the random-weight student of `size` (bench.models), under `work`."""
+    from bench.models import build_models, write_bundle  # torch, only when there is no bundle to serve
+
+    models = build_models(size)
+    return write_bundle(models.student, work / size / "deep-fp32", models.text, models.labels, "fp32")
+
+
+def server_env(bundles: list[Path], store: Path, **settings: object) -> dict[str, str]:
+    """DIDE_* settings for a server: its bundles, its store, and e.g. batching=False as DIDE_BATCHING=false."""
+    env = {"DIDE_BUNDLES": ",".join(str(b) for b in bundles), "DIDE_STORE": str(store)}
+    for name, value in settings.items():
+        env[f"DIDE_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def rss_bytes(pid: int) -> int:
-    """A process's resident set size, from /proc."""
+def proc_bytes(pid: int, field: str) -> int:
+    """A memory figure of a process from /proc/PID/status, in bytes: VmRSS (resident now), VmHWM (its peak)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident set size, from /proc."""
+    return proc_bytes(pid, "VmRSS")
 
 
 def sample(metrics: str, series: str) -> float:
@@ -94,6 +116,17 @@ def wait_ready(
                 check(r)
         time.sleep(0.1)
     raise AssertionError(f"dide-serve not ready after {timeout:g} s: {seen[-5:]}\n{server.log_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def running_server(env: dict[str, str], log: Path, timeout: float = 120.0) -> Iterator[LiveServer]:
+    """A started and ready server for the length of a `with` block, stopped after it."""
+    server = start_server(env, log)
+    try:
+        wait_ready(server, timeout)
+        yield server
+    finally:
+        stop_server(server)
 
 
 def stop_server(server: LiveServer, timeout: float = 30.0) -> int:

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import easy_vqa
@@ -40,8 +40,8 @@ import numpy as np
 from bench.images import b64, distinct_pngs
 from bench.load import CONCURRENT_CLIENTS
 from bench.loadgen import RawClient, arrival_times, open_loop, summarize
-from bench.measure import RESULTS, header
-from bench.server import LiveServer, rss_bytes, sample, start_server, stop_server, wait_ready
+from bench.measure import RESULTS, configure_logging, header
+from bench.server import random_bundle, rss_bytes, running_server, sample, server_env
 from core.atomic import write_file_atomic
 
 log = logging.getLogger(__name__)
@@ -108,24 +108,6 @@ class RssSampler:
         """The last sample taken at or before t seconds."""
         before = [b for s, b in self.samples if s <= t]
         return before[-1] if before else self.samples[0][1]
-
-
-@contextlib.contextmanager
-def server(bundle: Path, work: Path) -> Iterator[LiveServer]:
-    """One `dide-serve` as bench/load.py runs it (batching on, text cache off), on 127.0.0.1."""
-    env = {
-        "DIDE_BUNDLES": str(bundle),
-        "DIDE_STORE": str(work / "store"),
-        "DIDE_BATCHING": "true",
-        "DIDE_TEXT_CACHE_SIZE": "0",
-        "DIDE_LOG_LEVEL": "WARNING",
-    }
-    live = start_server(env, work / "server.log")
-    try:
-        wait_ready(live, 300)
-        yield live
-    finally:
-        stop_server(live)
 
 
 class Traffic:
@@ -200,7 +182,9 @@ def saturation_from_load(path: Path) -> float | None:
 
 async def soak(args: argparse.Namespace, bundle: Path, work: Path) -> dict:
     paths = sorted(easy_vqa.get_test_image_paths().values())[:32]
-    with server(bundle, work) as live:
+    # One `dide-serve` as bench/load.py runs it: batching on, text cache off.
+    env = server_env([bundle], work / "store", batching=True, text_cache_size=0, log_level="WARNING")
+    with running_server(env, work / "server.log", 300) as live:
         url, process = live.url, live.process
         async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
             ids = []
@@ -295,18 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RELIABILITY, help="the reliability results file to update")
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(quiet=("httpx",))
     with tempfile.TemporaryDirectory(prefix="dide-soak-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        bundle = args.bundle
-        if bundle is None:
-            from bench.models import build_models, write_bundle
-
-            models = build_models(args.size)
-            bundle = write_bundle(models.student, work / args.size / "deep-fp32", models.text, models.labels, "fp32")
-            del models
+        bundle = args.bundle or random_bundle(args.size, work)
         result = asyncio.run(soak(args, bundle, work))
     report = {**header("soak", argv, quick=False, threads=None, provider=result["provider"]), **result}
     report["size"] = None if args.bundle else args.size

@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from bench.server import proc_bytes
 from bench.soak import record_reliability
 from export.runtime import Bundle
 from service.app import create_app
@@ -274,17 +275,9 @@ def peak_growth(server: LiveServer, body: dict) -> tuple[int, int]:
     pid = server.process.pid
     with open(f"/proc/{pid}/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    before = proc_status(pid, "VmRSS")
+    before = proc_bytes(pid, "VmRSS")
     r = httpx.post(f"{server.url}/vqa", json=body, timeout=120)
-    return r.status_code, proc_status(pid, "VmHWM") - before
-
-
-def proc_status(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} for pid {pid}")
+    return r.status_code, proc_bytes(pid, "VmHWM") - before
 
 
 @pytest.mark.slow
