@@ -22,7 +22,7 @@ import numpy as np
 
 from core.atomic import write_file_atomic
 from export import store_verify
-from export.store_index import INDEX_KINDS, as_idmap, new_index, normalized, tune
+from export.store_index import INDEX_KINDS, add_rows, nearest, open_index
 from export.store_layout import (
     COMMITS,
     FORMAT,
@@ -177,8 +177,8 @@ class EmbeddingStore:
         self._rows = rows
         self._index_keys(old, rows)
         self._read_user_ids(int(manifest["user_ids_bytes"]))
-        if self._index is not None and self._index.ntotal < rows:
-            self._index_add(self._index, self._index.ntotal, rows)
+        if self._index is not None:
+            add_rows(self._index, self._vectors, rows)
         self.manifest = manifest
 
     def _index_keys(self, start: int, end: int) -> None:
@@ -450,22 +450,13 @@ class EmbeddingStore:
 
     # --- nearest neighbours ------------------------------------------------------------------------------
 
-    def _index_add(self, index: faiss.IndexIDMap2, start: int, end: int, chunk: int = 65536) -> None:
-        for a in range(start, end, chunk):
-            b = min(end, a + chunk)
-            index.add_with_ids(normalized(self._vectors[a:b]), np.arange(a, b, dtype=np.int64))
-
     def _ensure_index(self) -> faiss.IndexIDMap2:
         """The in-memory index over every row: the saved one (if any) topped up, or built from the rows."""
         if self._index is None:
             saved = self.manifest.get("index")
-            if saved and (self.directory / saved["file"]).is_file():
-                path = self.directory / saved["file"]
-                index = tune(as_idmap(faiss.read_index(str(path)), str(path)))
-            else:
-                index = new_index(self.index_kind, self.dim, self._vectors)
-            self._index_add(index, index.ntotal, self._rows)
-            self._index = index
+            path = self.directory / saved["file"] if saved else None
+            path = path if path is not None and path.is_file() else None
+            self._index = open_index(path, self.index_kind, self.dim, self._vectors[: self._rows])
         return self._index
 
     def search(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]:
@@ -476,11 +467,7 @@ class EmbeddingStore:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         with self._mutex:
-            index = self._ensure_index()
-            if index.ntotal == 0:
-                return []
-            scores, ids = index.search(normalized(vector), min(k, index.ntotal))
-            return [(bytes(self._digests[i]).hex(), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+            return [(bytes(self._digests[row]).hex(), score) for row, score in nearest(self._ensure_index(), vector, k)]
 
     def save_index(self, kind: str | None = None) -> Path:
         """Write the faiss index over every row (of `kind`, default the store's) atomically; its path."""

@@ -10,6 +10,7 @@ is cosine similarity.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -71,3 +72,25 @@ def tune(index: faiss.IndexIDMap2) -> faiss.IndexIDMap2:
     elif isinstance(inner, faiss.IndexIVFFlat):
         inner.nprobe = _IVF_NPROBE
     return index
+
+
+def add_rows(index: faiss.IndexIDMap2, vectors: np.ndarray, end: int, chunk: int = 65536) -> None:
+    """Add rows index.ntotal..end-1 of `vectors` (N, D), normalised, with their row numbers as ids."""
+    for a in range(index.ntotal, end, chunk):
+        b = min(end, a + chunk)
+        index.add_with_ids(normalized(vectors[a:b]), np.arange(a, b, dtype=np.int64))
+
+
+def open_index(saved: Path | None, kind: str, dim: int, vectors: np.ndarray) -> faiss.IndexIDMap2:
+    """The index over every row of `vectors`: the one saved at `saved` topped up, or a new one of `kind`."""
+    index = tune(as_idmap(faiss.read_index(str(saved)), str(saved))) if saved else new_index(kind, dim, vectors)
+    add_rows(index, vectors, len(vectors))
+    return index
+
+
+def nearest(index: faiss.IndexIDMap2, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k rows nearest `vector` (D,) by cosine similarity, best first, as (row, score)."""
+    if index.ntotal == 0:
+        return []
+    scores, ids = index.search(normalized(vector.reshape(1, -1)), min(k, index.ntotal))
+    return [(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
