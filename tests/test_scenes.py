@@ -162,7 +162,7 @@ def test_examples_point_at_64x64_rgb_images_and_known_labels(sets):
             for path in images_of(ex):
                 with Image.open(path) as img:
                     assert img.size == (64, 64) and img.mode == "RGB"
-    assert 4.5 <= len(sets["vqa"].train) / SIZES["vqa"][0] <= 6  # ~5 questions per image
+    assert 3.3 <= len(sets["vqa"].train) / SIZES["vqa"][0] <= 6  # ~4 questions per image
     assert len(sets["entailment"].train) == 6 * SIZES["entailment"][0]
     assert len(sets["reasoning"].train) == 4 * SIZES["reasoning"][0]
     assert all(ex.images[0] != ex.images[1] for ex in sets["reasoning"].train)
@@ -281,11 +281,33 @@ def test_rendered_shapes_are_large_distinct_and_the_occluder_hides_its_cells():
     )
     rgb = np.asarray(render_scene(scene))
     assert rgb.shape == (64, 64, 3)
-    for color, minimum in (("red", 150), ("blue", 100)):  # pixels: at least two 8x8 patches' worth
+    for color, minimum in (("red", 100), ("blue", 60)):  # pixels: about one 8x8 patch's worth or more
         assert np.all(rgb == COLORS[color], axis=-1).sum() >= minimum
+    # Each shape stays inside its 16x16 cell, which is one patch of the `mini` teacher.
+    red = np.argwhere(np.all(rgb == COLORS["red"], axis=-1))
+    assert red.min() >= 1 and red.max() <= 14
     # The hidden square leaves no green pixel; its cells are entirely occluder gray.
     assert not np.all(rgb == COLORS["green"], axis=-1).any()
-    assert np.all(rgb[43:64, 22:64] == OCCLUDER)
+    assert np.all(rgb[32:48, 16:48] == OCCLUDER)
+
+
+def test_grid_labels_say_what_each_cell_shows_and_which_cells_the_text_names():
+    scene = Scene(
+        (Shape("circle", "red", 0, 0), Shape("square", "blue", 0, 3), Shape("circle", "green", 3, 1)),
+        hidden=((3, 1),),
+    )
+    cells = scenes.cell_classes(scene)
+    assert len(cells) == scenes.GRID**2 == 16
+    assert cells[0] == 1 + scenes.COLORED_SHAPES.index(("red", "circle"))
+    assert cells[3] == 1 + scenes.COLORED_SHAPES.index(("blue", "square"))
+    assert cells[13] == scenes.OCCLUDED_CELL  # the green circle is hidden: the class is the occluder's
+    assert sum(c != 0 for c in cells) == 3
+    # Subject and object of a relation are told apart; a hidden shape is never named.
+    named = scenes.named_cells(scene, (("red", "circle"), ("blue", "square")))
+    assert named[0] == 1 and named[3] == 2 and sum(named) == 3
+    assert scenes.named_cells(scene, ((None, "circle"),)) == [1] + [0] * 15
+    for text in ("is the red circle left of the blue square?", "how many circles are there?"):
+        assert scenes.VQA_QUESTIONS[text][2]  # every catalogue text knows what it names
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,12 +12,26 @@ ITM_LABELS = ("match",)  # image-text matching: one logit, whether the caption d
 
 
 @dataclass(frozen=True)
+class GridLabels:
+    """What a synthetic scene's generator knows for free about each grid cell (raster order), per image:
+    the class of what the cell shows, and whether the text names the shape in it (0/1)."""
+
+    cells: tuple[tuple[int, ...], ...]
+    named: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, cells: list[list[int]], named: list[list[int]]) -> GridLabels:
+        return cls(tuple(map(tuple, cells)), tuple(map(tuple, named)))
+
+
+@dataclass(frozen=True)
 class VQAExample:
     """One question about one image; `answers` maps answer -> soft score in [0, 1]."""
 
     image: Path
     question: str
     answers: dict[str, float]
+    grid: GridLabels | None = None
 
 
 @dataclass(frozen=True)
@@ -27,6 +41,7 @@ class EntailmentExample:
     image: Path
     hypothesis: str
     label: str
+    grid: GridLabels | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +51,7 @@ class ReasoningExample:
     images: tuple[Path, Path]
     statement: str
     label: bool
+    grid: GridLabels | None = None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from training.examples import (
     ITM_LABELS,
     REASONING_LABELS,
     EntailmentExample,
+    GridLabels,
     PairExample,
     ReasoningExample,
     TaskData,
@@ -33,11 +34,14 @@ from training.examples import (
 logger = logging.getLogger(__name__)
 
 # Bump when the generator changes what it draws or asks, so old caches are not reused.
-VERSION = 2
+VERSION = 3
 
 IMAGE_SIZE = 64
-GRID = 3  # shapes sit in the cells of a 3x3 grid, at most one per cell, so they never overlap
-CELL = 21  # px; cell (row, col) spans [1 + 21*col, 21 + 21*col] x [1 + 21*row, 21 + 21*row]
+# Shapes sit in the cells of a 4x4 grid, at most one per cell. A cell is exactly one 16x16 patch of the
+# `mini` teacher (2x2 patches of `small`): a patch then holds one whole shape or nothing, so the patch
+# projection can name what a cell holds and attention only has to relate cells.
+GRID = 4
+CELL = 16  # px; cell (row, col) spans [16*col, 16*col + 15] x [16*row, 16*row + 15]
 SHAPES = ("circle", "square", "triangle")
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 30)}
 BACKGROUND = (255, 255, 255)
@@ -47,12 +51,13 @@ COUNTS = ("0", "1", "2", "3")
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four"}
 VQA_LABELS = [*COLORS, *SHAPES, "yes", "no", *COUNTS]
 
-# Images rendered per split: (train, test). Each VQA image gets up to 6 questions (~5 on average:
-# ~15,000 / ~3,000), each entailment image 2 hypotheses per label (15,000 / 3,000), and each
+# Images rendered per split: (train, test). Each VQA image gets up to 6 questions (~3.6 on average:
+# ~72,000 / ~3,600), each entailment image 2 hypotheses per label (72,000 / 6,000), and each
 # reasoning image is the left image of one pair and the right image of another, with 2 true and 2
-# false statements per pair (12,000 / 2,400, each with two images); each image-text matching image
-# one caption with its hard negatives (6,000 / 1,000).
-DEFAULT_SIZES = {"vqa": (3000, 600), "entailment": (2500, 500), "reasoning": (3000, 600), "itm": (6000, 1000)}
+# false statements per pair (64,000 / 4,000, each with two images); each image-text matching image
+# one caption with its hard negatives (6,000 / 1,000). A from-scratch teacher needs this many scenes
+# to learn relations rather than memorise a few thousand.
+DEFAULT_SIZES = {"vqa": (20000, 1000), "entailment": (12000, 1000), "reasoning": (16000, 1000), "itm": (6000, 1000)}
 MAX_QUESTIONS_PER_IMAGE = 6
 STATEMENTS_PER_LABEL = 2
 
@@ -67,7 +72,7 @@ class Shape:
     col: int
     dx: int = field(default=0, compare=False)
     dy: int = field(default=0, compare=False)
-    half: int = field(default=8, compare=False)
+    half: int = field(default=6, compare=False)
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,8 @@ class Scene:
 
 
 def random_scene(rng: random.Random, *, occluded: bool = False) -> Scene:
-    """2-4 shapes in distinct cells, colours drawn from a small per-scene palette so counts vary."""
-    n = rng.randint(2, 4)
+    """2-5 shapes in distinct cells, colours drawn from a small per-scene palette so counts vary."""
+    n = rng.randint(2, 5)
     palette = rng.sample(list(COLORS), rng.randint(1, min(n, len(COLORS))))
     shapes = tuple(
         Shape(
@@ -96,9 +101,9 @@ def random_scene(rng: random.Random, *, occluded: bool = False) -> Scene:
             color=rng.choice(palette),
             row=cell // GRID,
             col=cell % GRID,
-            dx=rng.randint(-2, 2),
-            dy=rng.randint(-2, 2),
-            half=rng.choice((7, 8)),
+            dx=rng.randint(-1, 1),
+            dy=rng.randint(-1, 1),
+            half=rng.choice((5, 6)),
         )
         for cell in sorted(rng.sample(range(GRID * GRID), n))
     )
@@ -124,8 +129,8 @@ def render_scene(scene: Scene) -> Image.Image:
     img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for s in scene.shapes:
-        # Centre of the cell plus jitter; |jitter| + half <= 10 keeps each shape inside its cell.
-        cx, cy, h = 11 + CELL * s.col + s.dx, 11 + CELL * s.row + s.dy, s.half
+        # Centre of the cell plus jitter; |jitter| + half <= 7 keeps each shape inside its cell.
+        cx, cy, h = CELL // 2 + CELL * s.col + s.dx, CELL // 2 + CELL * s.row + s.dy, s.half
         fill = COLORS[s.color]
         if s.shape == "circle":
             draw.ellipse((cx - h, cy - h, cx + h, cy + h), fill=fill)
@@ -134,8 +139,41 @@ def render_scene(scene: Scene) -> Image.Image:
         else:
             draw.polygon([(cx, cy - h), (cx - h, cy + h), (cx + h, cy + h)], fill=fill)
     for row, col in scene.hidden:
-        draw.rectangle((1 + CELL * col, 1 + CELL * row, CELL * (col + 1), CELL * (row + 1)), fill=OCCLUDER)
+        draw.rectangle((CELL * col, CELL * row, CELL * (col + 1) - 1, CELL * (row + 1) - 1), fill=OCCLUDER)
     return img
+
+
+# What a cell holds, as a class: 0 empty, 1 + i for the i-th of COLORED_SHAPES, then the occluder.
+OCCLUDED_CELL = 1 + len(SHAPES) * len(COLORS)
+CELL_CLASSES = OCCLUDED_CELL + 1
+
+
+def cell_classes(scene: Scene) -> list[int]:
+    """What each grid cell shows, in raster order: labels the generator knows for free, for the
+    teacher's auxiliary grid loss (a small version of the image-side pre-training ViLT starts from)."""
+    classes = [0] * (GRID * GRID)
+    for s in scene.shapes:
+        classes[s.row * GRID + s.col] = 1 + COLORED_SHAPES.index((s.color, s.shape))
+    for row, col in scene.hidden:
+        classes[row * GRID + col] = OCCLUDED_CELL
+    return classes
+
+
+# A text names at most two descriptions ("the red circle", "the blue square"): a cell is 0 when its
+# shape is not named, else 1 + the index of the first description that names it.
+NAMED_CLASSES = 3
+
+
+def named_cells(scene: Scene, mentions: Sequence[Description]) -> list[int]:
+    """Which visible cells hold a shape that a text names, and by which of its descriptions, in raster
+    order: the teacher's auxiliary grounding target (which image tokens the words are about, and in
+    which role, e.g. the subject or the object of a relation)."""
+    named = [0] * (GRID * GRID)
+    for s in scene.visible:
+        roles = [i for i, (c, k) in enumerate(mentions) if c in (None, s.color) and k in (None, s.shape)]
+        if roles:
+            named[s.row * GRID + s.col] = 1 + roles[0]
+    return named
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,8 +223,9 @@ def _has_related_pair(shapes: Sequence[Shape], a: Description, relation: str, b:
 
 
 # VQA questions: text -> (template, function from the shapes to the answer, or None when the
-# question is not well defined for that scene, e.g. "the triangle" when there are two triangles).
-Question = tuple[str, Callable[[Sequence[Shape]], "str | None"]]
+# question is not well defined for that scene, e.g. "the triangle" when there are two triangles,
+# and the descriptions the text names).
+Question = tuple[str, Callable[[Sequence[Shape]], "str | None"], tuple[Description, ...]]
 
 
 def _color_of_shape(shape: str, shapes: Sequence[Shape]) -> str | None:
@@ -242,9 +281,13 @@ COLORED_SHAPES: list[Description] = list(itertools.product(COLORS, SHAPES))
 def _vqa_questions() -> dict[str, Question]:
     q: dict[str, Question] = {}
     for shape in SHAPES:
-        q[f"what color is the {shape}?"] = ("color-of-shape", functools.partial(_color_of_shape, shape))
+        q[f"what color is the {shape}?"] = (
+            "color-of-shape",
+            functools.partial(_color_of_shape, shape),
+            ((None, shape),),
+        )
     for color in COLORS:
-        q[f"which shape is {color}?"] = ("shape-of-color", functools.partial(_shape_of_color, color))
+        q[f"which shape is {color}?"] = ("shape-of-color", functools.partial(_shape_of_color, color), ((color, None),))
     # The reference is named by colour when the answer is a shape and by kind when it is a colour:
     # naming the attribute asked about ("what shape is left of the red circle?") would make some
     # answers rarer for that text (the other shape is seldom another red circle).
@@ -253,21 +296,24 @@ def _vqa_questions() -> dict[str, Question]:
             q[f"what shape is {rel} the {color} shape?"] = (
                 "shape-related",
                 functools.partial(_shape_related_to, rel, color),
+                ((color, None),),
             )
         for shape in SHAPES:
             q[f"what color is the shape {rel} the {shape}?"] = (
                 "color-related",
                 functools.partial(_color_related_to, rel, shape),
+                ((None, shape),),
             )
     for a, rel, b in itertools.product(COLORED_SHAPES, RELATIONS, COLORED_SHAPES):
         if a != b:
             q[f"is the {' '.join(a)} {rel} the {' '.join(b)}?"] = (
                 "is-related",
                 functools.partial(_is_related, a, rel, b),
+                (a, b),
             )
     for group in GROUPS:
         template = "count-color" if group[1] is None else "count-shape"
-        q[f"how many {_plural(group)} are there?"] = (template, functools.partial(_how_many, group))
+        q[f"how many {_plural(group)} are there?"] = (template, functools.partial(_how_many, group), (group,))
     return q
 
 
@@ -353,8 +399,9 @@ def entailment_label(text: str, scene: Scene) -> str:
     return "entailment" if True in seen else "contradiction"
 
 
-# Reasoning statements: text -> (template, predicate over the left and right images' shapes).
-PairStatement = tuple[str, Callable[[Sequence[Shape], Sequence[Shape]], bool]]
+# Reasoning statements: text -> (template, predicate over the left and right images' shapes, the
+# descriptions the text names).
+PairStatement = tuple[str, Callable[[Sequence[Shape], Sequence[Shape]], bool], tuple[Description, ...]]
 
 
 def _left_more(group: Description, left: Sequence[Shape], right: Sequence[Shape]) -> bool:
@@ -400,21 +447,36 @@ def _one_related(a: str, relation: str, b: str, left: Sequence[Shape], right: Se
 def _reasoning_statements() -> dict[str, PairStatement]:
     st: dict[str, PairStatement] = {}
     for group in GROUPS:
-        p = _plural(group)
-        st[f"the left image has more {p} than the right image."] = ("more", functools.partial(_left_more, group))
-        st[f"the left image has fewer {p} than the right image."] = ("fewer", functools.partial(_left_fewer, group))
-        st[f"the two images have the same number of {p}."] = ("same-number", functools.partial(_same_number, group))
+        p, g = _plural(group), (group,)
+        st[f"the left image has more {p} than the right image."] = ("more", functools.partial(_left_more, group), g)
+        st[f"the left image has fewer {p} than the right image."] = ("fewer", functools.partial(_left_fewer, group), g)
+        st[f"the two images have the same number of {p}."] = (
+            "same-number",
+            functools.partial(_same_number, group),
+            g,
+        )
         for n, word in NUMBER_WORDS.items():
-            st[f"there are exactly {word} {p} in total."] = ("total", functools.partial(_total, group, n))
+            st[f"there are exactly {word} {p} in total."] = ("total", functools.partial(_total, group, n), g)
     for color, shape in itertools.product(COLORS, SHAPES):
-        st[f"both images contain a {color} {shape}."] = ("both-contain", functools.partial(_both_contain, color, shape))
+        g = ((color, shape),)
+        st[f"both images contain a {color} {shape}."] = (
+            "both-contain",
+            functools.partial(_both_contain, color, shape),
+            g,
+        )
         st[f"exactly one image contains a {color} {shape}."] = (
             "one-contains",
             functools.partial(_one_contains, color, shape),
+            g,
         )
     for a, rel, b in itertools.product(SHAPES, RELATIONS, SHAPES):
-        st[f"both images have a {a} {rel} a {b}."] = ("both-related", functools.partial(_both_related, a, rel, b))
-        st[f"exactly one image has a {a} {rel} a {b}."] = ("one-related", functools.partial(_one_related, a, rel, b))
+        g = ((None, a), (None, b))
+        st[f"both images have a {a} {rel} a {b}."] = ("both-related", functools.partial(_both_related, a, rel, b), g)
+        st[f"exactly one image has a {a} {rel} a {b}."] = (
+            "one-related",
+            functools.partial(_one_related, a, rel, b),
+            g,
+        )
     return st
 
 
@@ -529,17 +591,34 @@ def _pick(
     return min(by_template[template], key=lambda c: balancer.excess(c[1], c[0], c[2]))
 
 
+def _sample_texts(by_template: dict[str, list[str]], k: int, rng: random.Random) -> list[str]:
+    """Up to k texts of every template, so that each scene costs a few dozen label computations
+    (not one per text in the catalogue) and templates with many texts do not crowd out the rest."""
+    return [t for texts in by_template.values() for t in (texts if len(texts) <= k else rng.sample(texts, k))]
+
+
+def _by_template(catalogue: dict[str, tuple]) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = defaultdict(list)
+    for text, entry in catalogue.items():
+        groups[entry[0]].append(text)
+    return dict(groups)
+
+
+TEXTS_PER_TEMPLATE = 12
+
+
 def _vqa_split(n_images: int, rng: random.Random) -> tuple[list[Scene], list[dict]]:
     """Scenes and their questions (up to MAX_QUESTIONS_PER_IMAGE each, ~5 on average)."""
     balancer = Balancer(VQA_ANSWER_SPACES)
+    by_template = _by_template(VQA_QUESTIONS)
     scenes: list[Scene] = []
     records: list[dict] = []
     while len(scenes) < n_images:
         scene = random_scene(rng)
         candidates = [
-            (template, text, answer)
-            for text, (template, answer_of) in VQA_QUESTIONS.items()
-            if (answer := answer_of(scene.shapes)) is not None
+            (VQA_QUESTIONS[text][0], text, answer)
+            for text in _sample_texts(by_template, TEXTS_PER_TEMPLATE, rng)
+            if (answer := VQA_QUESTIONS[text][1](scene.shapes)) is not None
         ]
         rng.shuffle(candidates)
         chosen: list[dict] = []
@@ -574,16 +653,15 @@ def _fill(
 
 def _entailment_split(n_images: int, rng: random.Random) -> tuple[list[Scene], list[dict]]:
     """Occluded scenes, each with STATEMENTS_PER_LABEL hypotheses per label."""
-    templates = {st[0] for st in ENTAILMENT_STATEMENTS.values()}
-    balancer = Balancer(dict.fromkeys(templates, ENTAILMENT_LABELS))
+    by_template = _by_template(ENTAILMENT_STATEMENTS)
+    balancer = Balancer(dict.fromkeys(by_template, ENTAILMENT_LABELS))
     scenes: list[Scene] = []
     records: list[dict] = []
     while len(scenes) < n_images:
         scene = random_scene(rng, occluded=True)
         if not scene.visible:
             continue
-        # All counting statements and a random sample of the many spatial ones, labelled exactly.
-        texts = ENTAILMENT_COUNTING + rng.sample(ENTAILMENT_SPATIAL, 40)
+        texts = _sample_texts(by_template, TEXTS_PER_TEMPLATE, rng)
         candidates = [(ENTAILMENT_STATEMENTS[t][0], t, entailment_label(t, scene)) for t in texts]
         rng.shuffle(candidates)
         chosen = _fill(candidates, balancer, ENTAILMENT_LABELS, rng)
@@ -599,14 +677,14 @@ def _reasoning_split(n_images: int, rng: random.Random) -> tuple[list[Scene], li
     scenes = [random_scene(rng) for _ in range(n_images)]
     order = list(range(n_images))
     rng.shuffle(order)
-    templates = {template for template, _ in REASONING_STATEMENTS.values()}
-    balancer = Balancer(dict.fromkeys(templates, REASONING_LABELS))
+    by_template = _by_template(REASONING_STATEMENTS)
+    balancer = Balancer(dict.fromkeys(by_template, REASONING_LABELS))
     records: list[dict] = []
     for k in range(n_images):
         left, right = order[k], order[(k + 1) % n_images]
         candidates = [
-            (template, text, str(holds(scenes[left].shapes, scenes[right].shapes)))
-            for text, (template, holds) in REASONING_STATEMENTS.items()
+            (REASONING_STATEMENTS[t][0], t, str(REASONING_STATEMENTS[t][1](scenes[left].shapes, scenes[right].shapes)))
+            for t in _sample_texts(by_template, TEXTS_PER_TEMPLATE, rng)
         ]
         rng.shuffle(candidates)
         chosen = _fill(candidates, balancer, REASONING_LABELS, rng)
@@ -634,6 +712,11 @@ def data_dir() -> Path:
     return Path(os.environ.get("DIDE_DATA_DIR") or Path.home() / ".cache" / "dide")
 
 
+def _mentions(task: str, text: str) -> tuple[Description, ...]:
+    catalogue = {"vqa": VQA_QUESTIONS, "entailment": ENTAILMENT_STATEMENTS, "reasoning": REASONING_STATEMENTS}
+    return catalogue[task][text][2]
+
+
 def _write_split(task: str, n_images: int, rng: random.Random, out: Path, split: str) -> None:
     """Render one split's images to out/split/NNNNN.png and its examples to out/split.jsonl."""
     splits = {"vqa": _vqa_split, "entailment": _entailment_split, "reasoning": _reasoning_split, "itm": _itm_split}
@@ -643,6 +726,11 @@ def _write_split(task: str, n_images: int, rng: random.Random, out: Path, split:
         render_scene(scene).save(out / split / f"{i:05d}.png")
     with open(out / f"{split}.jsonl", "w") as f:
         for r in records:
+            if task != "itm":
+                indices = r.get("images", [r.get("image")])
+                mentions = _mentions(task, r.get("question") or r.get("hypothesis") or r["statement"])
+                r["cells"] = [cell_classes(scenes[i]) for i in indices]
+                r["named"] = [named_cells(scenes[i], mentions) for i in indices]
             if "images" in r:
                 r["images"] = [f"{split}/{i:05d}.png" for i in r["images"]]
             else:
@@ -687,15 +775,16 @@ def _read_split(directory: Path, task: str, split: str) -> list:
     with open(directory / f"{split}.jsonl") as f:
         for line in f:
             r = json.loads(line)
+            grid = GridLabels.of(r["cells"], r["named"]) if "cells" in r else None
             if task == "vqa":
-                examples.append(VQAExample(directory / r["image"], r["question"], {r["answer"]: 1.0}))
+                examples.append(VQAExample(directory / r["image"], r["question"], {r["answer"]: 1.0}, grid))
             elif task == "entailment":
-                examples.append(EntailmentExample(directory / r["image"], r["hypothesis"], r["label"]))
+                examples.append(EntailmentExample(directory / r["image"], r["hypothesis"], r["label"], grid))
             elif task == "itm":
                 examples.append(PairExample(directory / r["image"], r["caption"], tuple(r["negatives"])))
             else:
                 left, right = (directory / p for p in r["images"])
-                examples.append(ReasoningExample((left, right), r["statement"], r["label"] == "True"))
+                examples.append(ReasoningExample((left, right), r["statement"], r["label"] == "True", grid))
     return examples
 
 

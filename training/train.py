@@ -40,6 +40,8 @@ from core.preprocess import decode_rgb, normalize
 from training import losses
 from training.data import load_data
 from training.examples import TASKS, Example, PairExample, TaskData, images_of, target_of, text_of
+from training.grid import GridProbe, GridTrainee
+from training.scenes import CELL_CLASSES, GRID, NAMED_CLASSES
 from training.student import DualEncoderStudent, load_student, read_config, save_student
 from training.teacher import (
     MAX_TEXT_LEN,
@@ -86,6 +88,11 @@ class ExampleDataset(Dataset):
         if blind == "text":  # text-only baseline's mirror: every text becomes "[CLS] [SEP]"
             self.ids[:, 1], self.ids[:, 2:], self.mask[:, 2:] = text.tokenizer.token_to_id("[SEP]"), text.pad_id, 0
         self.targets = torch.tensor([target_of(e, labels) for e in self.examples])
+        grids = [getattr(e, "grid", None) for e in self.examples]
+        self.grid = bool(grids) and all(g is not None for g in grids)  # synthetic scenes' free cell labels
+        if self.grid:
+            self.cells = torch.tensor([g.cells for g in grids])  # (E, I, G*G) class ids
+            self.named = torch.tensor([g.named for g in grids], dtype=torch.uint8)  # (E, I, G*G)
         paths = sorted({p for e in self.examples for p in images_of(e)})
         self.image_index = {p: i for i, p in enumerate(paths)}
         rgb = []
@@ -119,6 +126,8 @@ class ExampleDataset(Dataset):
         item["pixels"] = self.pixels(images[0])
         if len(images) == 2:
             item["pixels2"] = self.pixels(images[1])
+        if self.grid:
+            item["cells"], item["named"] = self.cells[i], self.named[i]
         if isinstance(self.examples[i], PairExample):
             item["image_id"] = torch.tensor(self.image_index[images[0]])
             item["caption_id"] = self.caption_ids[i]
@@ -286,16 +295,19 @@ def distill_step(
     return total, {k: float(v.detach()) for k, v in parts.items()}
 
 
-def teacher_step(teacher: nn.Module, wrapper: Teacher, batch: dict[str, Tensor], ls: float):
+def teacher_step(teacher: nn.Module, wrapper: Teacher, batch: dict[str, Tensor], ls: float, w_grid: float = 0.0):
+    """The task loss, plus the weighted grid loss when `teacher` is a GridTrainee (scenes)."""
     ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixels"]
     if wrapper.task == "reasoning":
-        logits = teacher(
-            input_ids=ids, attention_mask=mask, pixel_values=torch.stack([pixels, batch["pixels2"]], dim=1)
-        ).logits
+        pixels = torch.stack([pixels, batch["pixels2"]], dim=1)
+    parts = {}
+    if isinstance(getattr(teacher, "module", teacher), GridTrainee):
+        logits, grid = teacher(ids, mask, pixels, batch["cells"], batch["named"])
+        parts["grid"] = w_grid * grid
     else:
         logits = teacher(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
-    loss = gt_loss(wrapper.task, logits, batch["target"], ls)
-    return loss, {"gt": float(loss.detach())}
+    parts["gt"] = gt_loss(wrapper.task, logits, batch["target"], ls)
+    return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
 
 
 # Heads' learning-rate multiplier by task, as the official configs: lr_mult = 10 only for VQA.
@@ -477,8 +489,15 @@ def cmd_teacher(args) -> int:
 
     batches = batch_maker(args.task, args.seed)
 
+    if args.grid_loss > 0:
+        if not train_set.grid:
+            raise ValueError(f"--grid-loss needs data with grid labels (--data scenes), not {spec!r}")
+        if args.augment != "none":
+            raise ValueError("--grid-loss needs --augment none: shifts and flips move shapes out of their cells")
+        model = GridTrainee(model, GridProbe(teacher.config.hidden_size, CELL_CLASSES, NAMED_CLASSES, GRID))
+
     def step_fn(m, batch):
-        return teacher_step(m, teacher, batches(batch), args.label_smoothing)
+        return teacher_step(m, teacher, batches(batch), args.label_smoothing, args.grid_loss)
 
     train_loop(args, model, step_fn, train_set, lambda: teacher.save(args.out, {"training": training_settings(args)}))
     return 0
@@ -487,6 +506,7 @@ def cmd_teacher(args) -> int:
 def training_settings(args) -> dict:
     """The optimisation settings a run used, saved beside its weights (the head multiplier as resolved)."""
     keys = ("lr", "head_lr_mult", "weight_decay", "warmup", "clip", "epochs", "batch_size", "augment", "dropout")
+    keys += ("grid_loss",)
     return {k: getattr(args, k) for k in (*keys, "init", "seed") if hasattr(args, k)}
 
 
@@ -672,6 +692,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--vocab-size", type=int, default=1000, help="WordPiece vocabulary for from-scratch models")
     t.add_argument("--dropout", type=float, default=0.1, help="dropout of a from-scratch teacher")
+    t.add_argument(
+        "--grid-loss",
+        type=float,
+        default=0.0,
+        help="weight of the auxiliary grid losses on scenes (what each cell shows, which cells the text names)",
+    )
 
     def distillation(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--teacher", required=True, help="a `dide-train teacher` output or a HF ViLT checkpoint dir")
