@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import ViltConfig, ViltForImageAndTextRetrieval, ViltForMaskedLM, ViltModel
 
-from training.scenes import VQA_LABELS
+from training.scene_language import VQA_LABELS
 from training.student import load_student
 from training.teacher import Teacher, build_teacher, load_teacher, student_from_pretrained, student_from_teacher
 from training.tokenizer import train_wordpiece

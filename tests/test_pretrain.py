@@ -18,7 +18,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 from transformers import ViltConfig, ViltForImageAndTextRetrieval
 
-from training import scenes
+from training import scene_language, scene_splits, scene_world, scenes
 from training.annotations import AnnotationError
 from training.data import load_data
 from training.examples import PairExample
@@ -187,11 +187,11 @@ def parse_scene_caption(text: str) -> tuple[Counter, tuple[str, str], str, tuple
     return named, a, relation, b
 
 
-def true_for(text: str, scene: scenes.Scene) -> bool:
+def true_for(text: str, scene: scene_world.Scene) -> bool:
     named, a, relation, b = parse_scene_caption(text)
     have = Counter((s.color, s.shape) for s in scene.shapes)
     related = any(
-        x is not y and scenes.relation_holds(x, relation, y)
+        x is not y and scene_world.relation_holds(x, relation, y)
         for x in scene.shapes
         if (x.color, x.shape) == a
         for y in scene.shapes
@@ -214,7 +214,7 @@ def one_change(caption: str, negative: str) -> bool:
 
 
 def test_scene_captions_are_true_and_their_hard_negatives_false():
-    generated, records = scenes._itm_split(300, random.Random(0))
+    generated, records = scene_splits._itm_split(300, random.Random(0))
     kinds = Counter()
     for scene, record in zip(generated, records, strict=True):
         assert true_for(record["caption"], scene), record
@@ -302,7 +302,7 @@ def test_itm_pairs_take_a_hard_negative_or_another_images_caption():
 
 def save_hf_itm_teacher(directory: Path) -> None:
     """A HF ViltForImageAndTextRetrieval (as dandelin/vilt-b32-finetuned-coco) with a tiny random config."""
-    tokenizer = train_wordpiece(scenes.ENTAILMENT_SPATIAL[:200], vocab_size=100)
+    tokenizer = train_wordpiece(scene_language.ENTAILMENT_SPATIAL[:200], vocab_size=100)
     config = ViltConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=64,
                         patch_size=16, max_position_embeddings=40, vocab_size=tokenizer.get_vocab_size())  # fmt: skip
     torch.manual_seed(0)
@@ -368,7 +368,7 @@ def test_two_stages_teacher_pretrain_teacher_distill_eval(stage1, tmp_path, caps
     argv = ["teacher", "--task", "vqa", "--data", SCENES, "--init", str(itm_teacher), "--out", str(teacher), *FAST]
     assert main(argv) == 0
     loaded = load_teacher(teacher)
-    assert loaded.task == "vqa" and loaded.labels == scenes.VQA_LABELS
+    assert loaded.task == "vqa" and loaded.labels == scene_language.VQA_LABELS
     assert tokenizer_vocab(teacher) == tokenizer_vocab(itm_teacher)  # stage 2 shares stage 1's tokenizer
     tokenizer = Tokenizer.from_file(str(teacher / "tokenizer.json"))
     tokenizer.no_truncation()
@@ -405,7 +405,8 @@ def test_a_stage1_student_keeps_its_towers_under_a_new_head(stage1, tmp_path, ca
     assert after["classifier.3.weight"].shape == (2, 64)  # reasoning's head over two fused vectors
 
     other = tmp_path / "scratch-teacher"  # its own tokenizer: a stage-1 student cannot learn from it
-    build_teacher("tiny", "vqa", scenes.VQA_LABELS, train_wordpiece(["what color is it?"] * 3), SCENES).save(other)
+    words = train_wordpiece(["what color is it?"] * 3)
+    build_teacher("tiny", "vqa", scene_language.VQA_LABELS, words, SCENES).save(other)
     argv = [
         "distill",
         "--task",

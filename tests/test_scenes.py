@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import scenes
+from training import scene_language, scene_splits, scene_world, scenes
 from training.data import load_data
 from training.examples import (
     ENTAILMENT_LABELS,
@@ -21,16 +21,10 @@ from training.examples import (
     images_of,
     text_of,
 )
-from training.scenes import (
-    COLORS,
-    OCCLUDER,
-    Scene,
-    Shape,
-    build_scenes,
-    entailment_label,
-    load_scenes,
-    render_scene,
-)
+from training.scene_language import entailment_label
+from training.scene_render import OCCLUDER, render_scene
+from training.scene_world import COLORS, Scene, Shape
+from training.scenes import build_scenes, load_scenes
 
 # Small enough to generate in a few seconds, large enough for the baselines to be measured to ~2 points.
 SIZES = {"vqa": (400, 200), "entailment": (240, 120), "reasoning": (400, 200)}
@@ -112,9 +106,9 @@ def test_vqa_text_only_knows_only_the_question_type_and_image_only_stays_near_th
     data = sets["vqa"]
     chance = majority_rate(data)
     chance_given_type = np.mean(
-        [1 / len(scenes.VQA_ANSWER_SPACES[scenes.VQA_QUESTIONS[ex.question][0]]) for ex in data.test]
+        [1 / len(scene_language.VQA_ANSWER_SPACES[scene_language.VQA_QUESTIONS[ex.question][0]]) for ex in data.test]
     )
-    template_prior = text_only_accuracy(data, key=lambda ex: scenes.VQA_QUESTIONS[ex.question][0])
+    template_prior = text_only_accuracy(data, key=lambda ex: scene_language.VQA_QUESTIONS[ex.question][0])
     text_only, image_only = text_only_accuracy(data), image_only_accuracy(data)
     print(
         f"vqa: majority {chance:.3f}, chance given the answer type {chance_given_type:.3f}, "
@@ -145,10 +139,10 @@ def test_labels_are_balanced(sets):
     vqa = sets["vqa"]
     per_template: dict[str, Counter] = defaultdict(Counter)
     for ex in vqa.train:
-        per_template[scenes.VQA_QUESTIONS[ex.question][0]][label_of(ex)] += 1
-    assert set(per_template) == set(scenes.VQA_ANSWER_SPACES)  # binding, spatial and counting questions
+        per_template[scene_language.VQA_QUESTIONS[ex.question][0]][label_of(ex)] += 1
+    assert set(per_template) == set(scene_language.VQA_ANSWER_SPACES)  # binding, spatial and counting questions
     for template, counts in per_template.items():
-        assert set(counts) == set(scenes.VQA_ANSWER_SPACES[template])
+        assert set(counts) == set(scene_language.VQA_ANSWER_SPACES[template])
         assert max(counts.values()) - min(counts.values()) <= 2, (template, counts)
 
 
@@ -204,7 +198,7 @@ def test_vqa_answers_on_a_hand_checked_scene():
         "how many circles are there?": "1",
         "how many yellow shapes are there?": "0",
     }
-    assert {q: scenes.VQA_QUESTIONS[q][1](scene) for q in expected} == expected
+    assert {q: scene_language.VQA_QUESTIONS[q][1](scene) for q in expected} == expected
 
 
 def test_entailment_labels_account_for_what_the_occluder_may_hide():
@@ -244,13 +238,13 @@ def test_entailment_labels_account_for_what_the_occluder_may_hide():
 def test_entailment_labels_equal_the_full_enumeration_of_hidden_cells():
     """entailment_label only tries shapes a statement mentions; check that against every filling."""
     rng = random.Random(5)
-    texts = scenes.ENTAILMENT_COUNTING + rng.sample(scenes.ENTAILMENT_SPATIAL, 60)
+    texts = scene_language.ENTAILMENT_COUNTING + rng.sample(scene_language.ENTAILMENT_SPATIAL, 60)
     for _ in range(12):
-        scene = scenes.random_scene(rng, occluded=True)
-        fillings = list(scenes.completions(scene))
+        scene = scene_world.random_scene(rng, occluded=True)
+        fillings = list(scene_language.completions(scene))
         assert len(fillings) == 13 ** len(scene.hidden)
         for text in texts:
-            holds = {scenes.ENTAILMENT_STATEMENTS[text][1](shapes) for shapes in fillings}
+            holds = {scene_language.ENTAILMENT_STATEMENTS[text][1](shapes) for shapes in fillings}
             full = "neutral" if len(holds) == 2 else ("entailment" if True in holds else "contradiction")
             assert entailment_label(text, scene) == full, (text, scene)
 
@@ -271,7 +265,7 @@ def test_reasoning_statements_on_a_hand_checked_pair():
         "both images have a circle above a triangle.": False,
         "exactly one image has a circle above a triangle.": True,
     }
-    assert {t: scenes.REASONING_STATEMENTS[t][1](left, right) for t in expected} == expected
+    assert {t: scene_language.REASONING_STATEMENTS[t][1](left, right) for t in expected} == expected
 
 
 def test_rendered_shapes_are_large_distinct_and_the_occluder_hides_its_cells():
@@ -296,18 +290,18 @@ def test_grid_labels_say_what_each_cell_shows_and_which_cells_the_text_names():
         (Shape("circle", "red", 0, 0), Shape("square", "blue", 0, 3), Shape("circle", "green", 3, 1)),
         hidden=((3, 1),),
     )
-    cells = scenes.cell_classes(scene)
-    assert len(cells) == scenes.GRID**2 == 16
-    assert cells[0] == 1 + scenes.COLORED_SHAPES.index(("red", "circle"))
-    assert cells[3] == 1 + scenes.COLORED_SHAPES.index(("blue", "square"))
-    assert cells[13] == scenes.OCCLUDED_CELL  # the green circle is hidden: the class is the occluder's
+    cells = scene_world.cell_classes(scene)
+    assert len(cells) == scene_world.GRID**2 == 16
+    assert cells[0] == 1 + scene_world.COLORED_SHAPES.index(("red", "circle"))
+    assert cells[3] == 1 + scene_world.COLORED_SHAPES.index(("blue", "square"))
+    assert cells[13] == scene_world.OCCLUDED_CELL  # the green circle is hidden: the class is the occluder's
     assert sum(c != 0 for c in cells) == 3
     # Subject and object of a relation are told apart; a hidden shape is never named.
-    named = scenes.named_cells(scene, (("red", "circle"), ("blue", "square")))
+    named = scene_world.named_cells(scene, (("red", "circle"), ("blue", "square")))
     assert named[0] == 1 and named[3] == 2 and sum(named) == 3
-    assert scenes.named_cells(scene, ((None, "circle"),)) == [1] + [0] * 15
+    assert scene_world.named_cells(scene, ((None, "circle"),)) == [1] + [0] * 15
     for text in ("is the red circle left of the blue square?", "how many circles are there?"):
-        assert scenes.VQA_QUESTIONS[text][2]  # every catalogue text knows what it names
+        assert scene_language.VQA_QUESTIONS[text][2]  # every catalogue text knows what it names
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,7 +355,7 @@ def test_an_interrupted_build_leaves_nothing_that_looks_complete(tmp_path, monke
     # A temp directory left by a SIGKILL is ignored; a complete build happens.
     (tmp_path / "scenes" / f".entailment-train6-test3-seed0-v{scenes.VERSION}.abc123").mkdir()
     data = load_scenes("entailment", train=6, test=3, seed=0)
-    assert len(data.train) == 6 * scenes.STATEMENTS_PER_LABEL * len(ENTAILMENT_LABELS) and all(
+    assert len(data.train) == 6 * scene_splits.STATEMENTS_PER_LABEL * len(ENTAILMENT_LABELS) and all(
         ex.image.is_file() for ex in data.train
     )
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import BertTokenizerFast, ViltConfig, ViltForImagesAndTextClassification, ViltForQuestionAnswering
 
-from training.scenes import VQA_LABELS
+from training.scene_language import VQA_LABELS
 from training.student import load_student
 from training.train import main
 

@@ -41,7 +41,7 @@ from training import losses
 from training.data import load_data
 from training.examples import TASKS, Example, PairExample, TaskData, images_of, target_of, text_of
 from training.grid import GridProbe, GridTrainee
-from training.scenes import CELL_CLASSES, GRID, NAMED_CLASSES
+from training.scene_world import CELL_CLASSES, GRID, NAMED_CLASSES
 from training.student import DualEncoderStudent, load_student, read_config, save_student
 from training.teacher import (
     MAX_TEXT_LEN,
