@@ -133,3 +133,18 @@ def test_hf_config_sizes_match_student_config():
         student.text_tower.encoder.layers[0].attention.query.weight,
         teacher.model.vilt.encoder.layer[1].attention.attention.query.weight,
     )
+
+
+def test_from_scratch_teacher_patches_start_with_2d_positions():
+    """HF ViLT starts patch positions at zero (real ViLT inherits them from its ImageNet ViT): from
+    scratch, every patch would start without a position. Ours start at 2-D sine-cosine values."""
+    tok = train_wordpiece(["what color is the circle?"] * 3)
+    pos = build_teacher("tiny", "vqa", ["red", "blue"], tok, "test").model.vilt.embeddings.position_embeddings
+    patches = pos[0, 1:].detach()  # (16, D) for a 4x4 grid, raster order
+    assert patches.shape[0] == 16 and len({tuple(p.tolist()) for p in patches}) == 16  # all distinct
+    half = patches.shape[1] // 2  # the first half encodes the row, the second the column
+    grid = patches.view(4, 4, -1)
+    assert torch.equal(grid[0, 0, :half], grid[0, 3, :half])  # same row: same row code
+    assert torch.equal(grid[0, 1, half:], grid[3, 1, half:])  # same column: same column code
+    assert not torch.equal(grid[0, 0, half:], grid[0, 1, half:])
+    assert pos.requires_grad  # a starting point, still learned

@@ -212,8 +212,38 @@ def build_teacher(
         max_image_length=-1,
     )
     model = model_class(task)(cfg)
+    init_image_positions(model.vilt.embeddings)
     text = TextEncoder(tokenizer, max_text_len)
     return Teacher(model, task, labels, ImageSpec(size=cfg.image_size), text, data)
+
+
+def sincos_2d(dim: int, side: int) -> Tensor:
+    """Fixed 2-D sine-cosine position embeddings (MAE's): half the channels encode the row, half the
+    column, each as sines and cosines of geometrically spaced frequencies. (side*side, dim), raster order."""
+    if dim % 4:
+        raise ValueError(f"2-D sine-cosine positions need a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    rows, cols = torch.meshgrid(
+        torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for pos in (rows.flatten(), cols.flatten()):
+        angles = pos[:, None] * omega[None, :]  # (N, dim/4)
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+@torch.no_grad()
+def init_image_positions(embeddings: nn.Module) -> None:
+    """Start a from-scratch ViLT's patch positions at 2-D sine-cosine values instead of HF's zeros.
+
+    Real ViLT inherits learned positions from its ImageNet ViT. From zeros, every patch starts without a
+    position and the small gradients take thousands of steps to give them one, so a from-scratch teacher
+    sees a bag of patches: it learns colours and counts but not shapes made of several patches (easy-VQA)
+    or where things are (relations). They stay trainable parameters."""
+    pos = embeddings.position_embeddings  # (1, 1 + N, D): the image [CLS], then the patches in raster order
+    side = int((pos.shape[1] - 1) ** 0.5)
+    pos[0, 1:] = sincos_2d(pos.shape[2], side)
 
 
 def text_length(tokenizer: Tokenizer, texts: list[str], limit: int = MAX_TEXT_LEN) -> int:
