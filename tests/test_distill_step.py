@@ -11,19 +11,13 @@ import pytest
 import torch
 from transformers import ViltConfig, ViltForImageAndTextRetrieval, ViltForMaskedLM, ViltModel
 
+from training.loop import param_groups
 from training.scene_language import VQA_LABELS
+from training.steps import LossWeights, StudentTrainingView, distill_step, loss_weights
 from training.student import load_student
 from training.teacher import Teacher, build_teacher, load_teacher, student_from_pretrained, student_from_teacher
 from training.tokenizer import train_wordpiece
-from training.train import (
-    LossWeights,
-    StudentTrainingView,
-    distill_step,
-    loss_weights,
-    main,
-    param_groups,
-    parse_args,
-)
+from training.train import main, parse_args
 
 TEXTS = [
     "what color is the circle?",

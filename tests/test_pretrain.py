@@ -21,11 +21,12 @@ from transformers import ViltConfig, ViltForImageAndTextRetrieval
 from training import scene_language, scene_splits, scene_world, scenes
 from training.annotations import AnnotationError
 from training.data import load_data
+from training.dataset import itm_pairs
 from training.examples import PairExample
 from training.student import load_student
 from training.teacher import build_teacher, load_teacher, student_for_teacher, teacher_for_task
 from training.tokenizer import train_wordpiece
-from training.train import itm_pairs, main
+from training.train import main
 
 SCENES = "scenes:train=24,test=12,seed=3"
 FAST = ["--epochs", "1", "--batch-size", "8", "--log-every", "1", "--threads", "1"]

@@ -77,7 +77,7 @@ def test_resume_after_interruption(vqa_teacher, tmp_path, caplog, monkeypatch):
     def interrupt(*args, **kwargs):  # the kill arrives after epoch 1's resume state is committed
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("training.train.evaluate_dir", interrupt)
+    monkeypatch.setattr("training.loop.evaluate_dir", interrupt)
     with pytest.raises(KeyboardInterrupt):
         main([*argv, "--eval-every", "1"])
     resume = tmp_path / "s.resume"
@@ -85,7 +85,7 @@ def test_resume_after_interruption(vqa_teacher, tmp_path, caplog, monkeypatch):
     assert state["epoch"] == 1 and state["step"] > 0
     changed = [*argv, "--batch-size", "4"]
     assert main(changed) == 2  # other settings: refused, not silently mixed
-    with caplog.at_level(logging.INFO, logger="training.train"):
+    with caplog.at_level(logging.INFO, logger="training.loop"):
         assert main(argv) == 0
     assert f"resuming from {resume} at epoch 1, step {state['step']}" in caplog.text
     assert not resume.exists()

@@ -1,0 +1,161 @@
+"""The one training loop: AdamW parameter groups, warm-up and linear decay, DDP, periodic resumable
+checkpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from core.atomic import atomic_directory
+from training.dataset import ExampleDataset
+from training.distributed import is_main, setup_distributed
+from training.evaluate import evaluate_dir
+
+log = logging.getLogger(__name__)
+
+# Heads' learning-rate multiplier by task, as the official configs: lr_mult = 10 only for VQA.
+HEAD_LR_MULT = {"vqa": 10.0}
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_mult: float):
+    """AdamW groups: no decay on biases/norms/embeddings-like 1-D params; heads at lr x head_lr_mult."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_head = "classifier" in name.split(".")[:2]  # HF teachers' and the student's task heads
+        no_decay = p.ndim < 2 or "norm" in name.lower() or "embedding" in name.split(".")[-1]
+        groups.setdefault((is_head, no_decay), []).append(p)
+    return [
+        {"params": ps, "lr": lr * (head_lr_mult if head else 1.0), "weight_decay": 0.0 if nd else weight_decay}
+        for (head, nd), ps in groups.items()
+    ]
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+# The flags that must match for an interrupted run's state to be resumed.
+RESUME_KEYS = ("command", "task", "data", "epochs", "batch_size", "max_train", "lr", "seed", "teacher", "size")
+
+
+def run_fingerprint(args) -> dict:
+    return {k: getattr(args, k, None) for k in RESUME_KEYS}
+
+
+def save_resume(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, step: int, run: dict) -> None:
+    """Model + optimizer state for resuming; written to a temp dir and renamed (never half-written)."""
+    model = getattr(model, "module", model)
+
+    def write(tmp: Path) -> None:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors")
+        )
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "step": step, "run": run}))
+
+    atomic_directory(path, write)
+
+
+def load_resume(path: Path, model: nn.Module, optimizer, scheduler, run: dict) -> tuple[int, int]:
+    state = json.loads((path / "state.json").read_text())
+    if state.get("run") != run:
+        changed = sorted(k for k in run if state.get("run", {}).get(k) != run[k])
+        raise ValueError(
+            f"{path} holds an interrupted run with other settings ({', '.join(changed)}): "
+            "rerun with the same flags to resume, or pass --restart to start over"
+        )
+    model = getattr(model, "module", model)
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    opt = torch.load(path / "optim.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    return state["epoch"], state["step"]
+
+
+def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_fn) -> None:
+    """The one loop: AdamW, warm-up + linear decay, DDP, progress, periodic resumable checkpoints."""
+    device = setup_distributed()
+    model.to(device)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
+    loader = DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=args.workers,
+        drop_last=True,
+        persistent_workers=args.workers > 0,
+    )
+    steps_per_epoch = len(loader)
+    total = steps_per_epoch * args.epochs
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.lr, args.weight_decay, args.head_lr_mult), lr=args.lr, betas=(0.9, 0.98), eps=1e-8
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(int(total * args.warmup), total))
+    resume_dir = Path(args.out).with_name(Path(args.out).name + ".resume")
+    epoch0, step = 0, 0
+    if resume_dir.is_dir() and not args.restart:
+        epoch0, step = load_resume(resume_dir, model, optimizer, scheduler, run_fingerprint(args))
+        if is_main():
+            log.info("resuming from %s at epoch %d, step %d", resume_dir, epoch0, step)
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    t0 = time.time()
+    for epoch in range(epoch0, args.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        ddp.train()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=(not is_main()) or None, leave=False)
+        for batch in bar:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, parts = step_fn(ddp, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}: {parts}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if is_main() and step % args.log_every == 0:
+                detail = " ".join(f"{k}={v:.4f}" for k, v in parts.items())
+                log.info(
+                    "step %d/%d epoch %d loss %.4f %s lr %.2e %.1fs",
+                    step,
+                    total,
+                    epoch + 1,
+                    loss.item(),
+                    detail,
+                    scheduler.get_last_lr()[0],
+                    time.time() - t0,
+                )
+        if is_main():
+            save_resume(resume_dir, model, optimizer, scheduler, epoch + 1, step, run_fingerprint(args))
+            if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
+                save_fn()
+                log.info("epoch %d: %s", epoch + 1, json.dumps(evaluate_dir(args.out, limit=args.eval_limit)))
+        if dist.is_initialized():
+            dist.barrier()
+    if is_main():
+        save_fn()
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        log.info("trained %d steps in %.1fs; saved %s", step, time.time() - t0, args.out)

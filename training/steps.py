@@ -1,0 +1,108 @@
+"""One training step's losses: the teacher's task loss, and DiDE's ground-truth, prediction and attention
+distillation for the student."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from training import losses
+from training.grid import GridTrainee
+from training.student import DualEncoderStudent
+from training.teacher import Teacher
+
+
+@dataclass
+class LossWeights:
+    gt: float = 0.0
+    pred: float = 1.0
+    attn: float = 1.0
+    t2i: bool = True
+    i2t: bool = True
+
+
+def loss_weights(args) -> LossWeights:
+    """The loss weights the distillation flags ask for (--w-gt, --w-pred, --w-attn, --no-t2i, --no-i2t)."""
+    return LossWeights(gt=args.w_gt, pred=args.w_pred, attn=args.w_attn, t2i=not args.no_t2i, i2t=not args.no_i2t)
+
+
+# Tasks scored with a sigmoid per label (VQA's soft answers; ITM's one logit), the others with a softmax.
+SIGMOID_TASKS = ("vqa", "itm")
+
+
+def gt_loss(task: str, logits: Tensor, target: Tensor, label_smoothing: float) -> Tensor:
+    if task in SIGMOID_TASKS:
+        return losses.vqa_gt_loss(logits, target)
+    return losses.ce_gt_loss(logits, target, label_smoothing)
+
+
+def pred_kd_loss(task: str, student_logits: Tensor, teacher_logits: Tensor, pairs: Tensor | None = None) -> Tensor:
+    """The task's prediction KD; with `pairs` (an ITM teacher that ranks captions) a softmax over each image's."""
+    if pairs is not None:
+        return losses.ranking_kd_loss(student_logits, teacher_logits, pairs)
+    if task in SIGMOID_TASKS:
+        return losses.vqa_kd_loss(student_logits, teacher_logits)
+    return losses.softmax_kd_loss(student_logits, teacher_logits)
+
+
+class StudentTrainingView(nn.Module):
+    """The student's training forward: logits plus each tower's output (with last-layer q/k when asked).
+
+    It is what DistributedDataParallel wraps, so gradient sync sees the whole forward.
+    """
+
+    def __init__(self, student: DualEncoderStudent) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, ids: Tensor, mask: Tensor, pixels: Tensor, pixels2: Tensor | None, keep_qk: bool):
+        text = self.student.text_tower(ids, mask, keep_qk=keep_qk)
+        images = [self.student.image_tower(p, keep_qk=keep_qk) for p in (pixels, pixels2) if p is not None]
+        logits = self.student.head(text.pooled, images[0].pooled, images[1].pooled if len(images) == 2 else None)
+        return logits, text, images
+
+
+def distill_step(
+    view: nn.Module, teacher: Teacher, batch: dict[str, Tensor], task: str, w: LossWeights, ls: float
+) -> tuple[Tensor, dict[str, float]]:
+    """One DiDE step: the frozen teacher's logits and last-layer q/k, the student's towers and head."""
+    assert not teacher.model.training, "the teacher distils in eval mode (no dropout), as the official code"
+    ids, mask, pixels, pixels2 = batch["input_ids"], batch["attention_mask"], batch["pixels"], batch.get("pixels2")
+    need_attn = w.attn > 0 and (w.t2i or w.i2t)
+    parts: dict[str, Tensor] = {}
+    if w.pred > 0 or need_attn:
+        with torch.no_grad():
+            t_out = teacher.forward(ids, mask, pixels, pixels2, keep_qk=need_attn)
+    logits, text, images = view(ids, mask, pixels, pixels2, need_attn)
+    if w.gt > 0:
+        parts["gt"] = w.gt * gt_loss(task, logits, batch["target"], ls)
+    if w.pred > 0:
+        pairs = batch["pairs"] if teacher.ranking else None
+        parts["pred"] = w.pred * pred_kd_loss(task, logits, t_out.logits, pairs)
+    if need_attn:
+        attn = sum(
+            losses.cross_modal_attention_loss(
+                t_qk, (text.query, text.key), (img.query, img.key), mask, t2i=w.t2i, i2t=w.i2t
+            )
+            for t_qk, img in zip(t_out.qk, images, strict=True)
+        )
+        parts["attn"] = w.attn * attn
+    total = sum(parts.values())
+    return total, {k: float(v.detach()) for k, v in parts.items()}
+
+
+def teacher_step(teacher: nn.Module, wrapper: Teacher, batch: dict[str, Tensor], ls: float, w_grid: float = 0.0):
+    """The task loss, plus the weighted grid loss when `teacher` is a GridTrainee (scenes)."""
+    ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixels"]
+    if wrapper.task == "reasoning":
+        pixels = torch.stack([pixels, batch["pixels2"]], dim=1)
+    parts = {}
+    if isinstance(getattr(teacher, "module", teacher), GridTrainee):
+        logits, grid = teacher(ids, mask, pixels, batch["cells"], batch["named"])
+        parts["grid"] = w_grid * grid
+    else:
+        logits = teacher(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits
+    parts["gt"] = gt_loss(wrapper.task, logits, batch["target"], ls)
+    return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
