@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from training.examples import Example, TaskData
+
+logger = logging.getLogger(__name__)
 
 
 class AnnotationError(ValueError):
@@ -72,3 +77,23 @@ def require_image(path: Path, where: str) -> Path:
     if not path.is_file():
         raise AnnotationError(f"{where}: image file {path} not found")
     return path
+
+
+def load_splits(
+    read_split: Callable[[Path, str], list[Example]],
+    root: str | Path,
+    test_split: str,
+    test_splits: Sequence[str],
+    title: str,
+    name: str,
+    task: str,
+    labels: Sequence[str],
+) -> TaskData:
+    """A dataset's train split and `test_split` (one of `test_splits`), as read_split(root, split) reads them;
+    `title` names the dataset in messages, `name` in its TaskData."""
+    if test_split not in test_splits:
+        raise ValueError(f"bad {title} test split {test_split!r}: use {' or '.join(map(repr, test_splits))}")
+    root = Path(root)
+    train, test = read_split(root, "train"), read_split(root, test_split)
+    logger.info("%s: %d train / %d %s examples", title, len(train), len(test), test_split)
+    return TaskData(task=task, labels=list(labels), train=train, test=test, name=name, meta={"test_split": test_split})

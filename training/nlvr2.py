@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from training.annotations import AnnotationError, get_field, read_jsonl, require_file, require_image
+from training.annotations import AnnotationError, get_field, load_splits, read_jsonl, require_file, require_image
 from training.examples import REASONING_LABELS, ReasoningExample, TaskData
-
-logger = logging.getLogger(__name__)
 
 # The example "train-10171-0-0" shows the images "train-10171-0-img0.png" and "...-img1.png": the
 # identifier without its last "-N" (which numbers the sentences written for one image pair).
@@ -48,16 +45,4 @@ def read_split(root: Path, split: str) -> list[ReasoningExample]:
 
 def load_nlvr2(root: str | Path, *, test_split: str = "test1") -> TaskData:
     """NLVR2 train and `test_split` ("dev" or "test1")."""
-    if test_split not in SPLITS[1:]:
-        raise ValueError(f"bad NLVR2 test split {test_split!r}: use 'dev' or 'test1'")
-    root = Path(root)
-    train, test = read_split(root, "train"), read_split(root, test_split)
-    logger.info("NLVR2: %d train / %d %s examples", len(train), len(test), test_split)
-    return TaskData(
-        task="reasoning",
-        labels=list(REASONING_LABELS),
-        train=train,
-        test=test,
-        name="nlvr2",
-        meta={"test_split": test_split},
-    )
+    return load_splits(read_split, root, test_split, SPLITS[1:], "NLVR2", "nlvr2", "reasoning", REASONING_LABELS)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from training.annotations import AnnotationError, get_field, read_jsonl, require_file, require_image
+from training.annotations import AnnotationError, get_field, load_splits, read_jsonl, require_file, require_image
 from training.examples import ENTAILMENT_LABELS, EntailmentExample, TaskData
-
-logger = logging.getLogger(__name__)
 
 LAYOUT = """\
     DIR/snli_ve_train.jsonl   one JSON object a line: {"Flickr30K_ID": "3416050480",
@@ -42,16 +39,4 @@ def read_split(root: Path, split: str) -> list[EntailmentExample]:
 
 def load_snli_ve(root: str | Path, *, test_split: str = "test") -> TaskData:
     """SNLI-VE train and `test_split` ("dev" or "test")."""
-    if test_split not in SPLITS[1:]:
-        raise ValueError(f"bad SNLI-VE test split {test_split!r}: use 'dev' or 'test'")
-    root = Path(root)
-    train, test = read_split(root, "train"), read_split(root, test_split)
-    logger.info("SNLI-VE: %d train / %d %s examples", len(train), len(test), test_split)
-    return TaskData(
-        task="entailment",
-        labels=list(ENTAILMENT_LABELS),
-        train=train,
-        test=test,
-        name="snli-ve",
-        meta={"test_split": test_split},
-    )
+    return load_splits(read_split, root, test_split, SPLITS[1:], "SNLI-VE", "snli-ve", "entailment", ENTAILMENT_LABELS)
