@@ -44,19 +44,9 @@ class StudentConfig:
 
 def tiny_config(task: str, num_labels: int, vocab_size: int) -> StudentConfig:
     """A config small enough for tests to run in seconds."""
-    return StudentConfig(
-        task=task,
-        num_labels=num_labels,
-        vocab_size=vocab_size,
-        max_text_len=16,
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_layers=2,
-        text_layers=2,
-        num_heads=2,
-        intermediate_size=64,
-    )
+    return StudentConfig(task=task, num_labels=num_labels, vocab_size=vocab_size, max_text_len=16, image_size=32,
+                         patch_size=8, hidden_size=32, num_layers=2, text_layers=2, num_heads=2,
+                         intermediate_size=64)  # fmt: skip
 
 
 class TowerOutput(NamedTuple):
