@@ -7,6 +7,8 @@ auxiliary losses on its last-layer patch tokens, from labels the scene generator
 - named: whether the text names the shape in that cell ("the red circle", "circles"), and as which of its
   descriptions (the subject or the object of a relation), which a patch can only tell after attending to
   the words: it teaches the cross-modal attention that DiDE distils.
+The probe reads a middle layer, not the last: a relation ("is the red circle left of the blue square?")
+needs layers *after* the words have found their shapes, to compare where those are.
 The probe is a training aid only: the saved teacher is a plain Hugging Face ViLT.
 """
 
@@ -45,10 +47,15 @@ class GridProbe(nn.Module):
 
 class GridTrainee(nn.Module):
     """A HF ViLT task model and its grid probe, trained together; forward gives the task logits and the
-    grid loss (one module, so that DDP sees every parameter)."""
+    grid loss (one module, so that DDP sees every parameter). The probe reads the output of encoder
+    layer `layer` (1-based; default the middle one)."""
 
-    def __init__(self, model: nn.Module, probe: GridProbe) -> None:
+    def __init__(self, model: nn.Module, probe: GridProbe, layer: int | None = None) -> None:
         super().__init__()
+        depth = model.config.num_hidden_layers
+        self.layer = max(1, depth // 2) if layer is None else layer
+        if not 1 <= self.layer <= depth:
+            raise ValueError(f"the grid probe's layer must be in 1..{depth}, got {self.layer}")
         self.model, self.probe = model, probe
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, cells: Tensor, named: Tensor):
@@ -56,7 +63,9 @@ class GridTrainee(nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, output_hidden_states=True
         )
         # One image: a tuple of layer outputs; NLVR2's two-image model: one such tuple per image.
-        per_image = [out.hidden_states[-1]] if pixel_values.dim() == 4 else [h[-1] for h in out.hidden_states]
+        # hidden_states[0] is the embeddings, [k] the output of layer k.
+        k = self.layer
+        per_image = [out.hidden_states[k]] if pixel_values.dim() == 4 else [h[k] for h in out.hidden_states]
         text_len = input_ids.shape[1]
         patches = torch.stack([h[:, text_len + 1 :] for h in per_image], dim=1)  # (B, I, N, D) after image [CLS]
         return out.logits, self.probe.loss(patches, cells, named)

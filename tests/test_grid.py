@@ -1,0 +1,56 @@
+"""The teacher's auxiliary grid losses: pooling patches into cells, the loss, and training with it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from training import train
+from training.grid import GridProbe, GridTrainee
+from training.teacher import build_teacher
+from training.tokenizer import train_wordpiece
+
+
+def test_patches_pool_into_grid_cells_in_raster_order():
+    probe = GridProbe(hidden=1, cell_classes=2, named_classes=3, grid=2)
+    # A 4x4 patch grid whose value is the patch index: each 2x2 cell averages its four patches.
+    patches = torch.arange(16.0).view(1, 16, 1)
+    cells = probe.cells_of(patches)[0, :, 0]
+    assert cells.tolist() == [2.5, 4.5, 10.5, 12.5]
+    with pytest.raises(ValueError, match="do not tile"):
+        probe.cells_of(torch.zeros(1, 15, 1))
+
+
+def test_grid_loss_reads_the_chosen_layer_and_trains_the_vilt():
+    tok = train_wordpiece(["is the red circle left of the blue square?"] * 3)
+    teacher = build_teacher("tiny", "vqa", ["yes", "no"], tok, "test")  # 32x32 images, 4x4 patches
+    trainee = GridTrainee(teacher.model, GridProbe(teacher.config.hidden_size, 14, 3, grid=4), layer=1)
+    ids, mask = (torch.from_numpy(a) for a in teacher.text(["is the red circle left of the blue square?"] * 2))
+    pixels = torch.randn(2, 3, 32, 32)
+    cells, named = torch.randint(0, 14, (2, 1, 16)), torch.randint(0, 3, (2, 1, 16))
+    logits, loss = trainee(ids, mask, pixels, cells, named)
+    assert logits.shape == (2, 2) and loss.ndim == 0 and loss > 0
+    loss.backward()
+    layers = teacher.model.vilt.encoder.layer
+    assert layers[0].attention.attention.query.weight.grad.abs().sum() > 0  # below the probe: trained by it
+    assert layers[1].attention.attention.query.weight.grad is None  # above layer 1: untouched by the grid loss
+    with pytest.raises(ValueError, match=r"layer must be in 1\.\.2"):
+        GridTrainee(teacher.model, GridProbe(teacher.config.hidden_size, 14, 3, grid=4), layer=3)
+
+
+def test_teacher_cli_trains_with_the_grid_loss_on_scenes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "teacher"
+    common = ["--task", "reasoning", "--data", "scenes:train=12,test=4", "--size", "tiny", "--epochs", "1"]
+    assert train.main(["teacher", *common, "--batch-size", "8", "--augment", "none", "--grid-loss", "1",
+                       "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads((out / "dide.json").read_text())["training"]["grid_loss"] == 1.0
+    capsys.readouterr()
+    assert train.main(["teacher", *common, "--augment", "flip", "--grid-loss", "1", "--out", str(tmp_path / "x")]) != 0
+    assert "--grid-loss needs --augment none" in capsys.readouterr().err
+    easy = ["--task", "vqa", "--data", "easy-vqa", "--max-train", "8", "--size", "tiny", "--epochs", "1"]
+    assert train.main(["teacher", *easy, "--augment", "none", "--grid-loss", "1", "--out", str(tmp_path / "y")]) != 0
+    assert "needs data with grid labels" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
