@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from training import train
+from training import scene_language, train
+from training.evaluate import evaluate_dir
 from training.grid import GridProbe, GridTrainee
 from training.teacher import build_teacher
 from training.tokenizer import train_wordpiece
@@ -47,6 +48,11 @@ def test_teacher_cli_trains_with_the_grid_loss_on_scenes(tmp_path, monkeypatch, 
     assert train.main(["teacher", *common, "--batch-size", "8", "--augment", "none", "--grid-loss", "1",
                        "--out", str(out)]) == 0  # fmt: skip
     assert json.loads((out / "dide.json").read_text())["training"]["grid_loss"] == 1.0
+    result = evaluate_dir(out)  # accuracy per statement type, which adds up to the overall accuracy
+    by_kind = result["by_kind"]
+    templates = {entry[0] for entry in scene_language.REASONING_STATEMENTS.values()}
+    assert set(by_kind) <= templates and sum(k["n"] for k in by_kind.values()) == result["n"]
+    assert sum(k["accuracy"] * k["n"] for k in by_kind.values()) == pytest.approx(result["accuracy"] * result["n"])
     capsys.readouterr()
     assert train.main(["teacher", *common, "--augment", "flip", "--grid-loss", "1", "--out", str(tmp_path / "x")]) != 0
     assert "--grid-loss needs --augment none" in capsys.readouterr().err

@@ -22,6 +22,13 @@ def _package() -> ModuleType:
     return easy_vqa
 
 
+def answer_type(answer: str) -> str:
+    """easy-VQA's three question types, told by the answer: yes/no, a shape, or a colour."""
+    if answer in ("yes", "no"):
+        return "yes/no"
+    return "shape" if answer in ("circle", "rectangle", "triangle") else "color"
+
+
 def load_easy_vqa() -> TaskData:
     """The real easy-VQA splits as shipped in the package (one answer per question, score 1)."""
     easy_vqa = _package()
@@ -29,7 +36,7 @@ def load_easy_vqa() -> TaskData:
     def split(questions, image_paths) -> list[VQAExample]:
         texts, answers, image_ids = questions
         return [
-            VQAExample(image=Path(image_paths[i]), question=q, answers={a: 1.0})
+            VQAExample(image=Path(image_paths[i]), question=q, answers={a: 1.0}, kind=answer_type(a))
             for q, a, i in zip(texts, answers, image_ids, strict=True)
         ]
 

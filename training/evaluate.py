@@ -55,6 +55,7 @@ def evaluate_dir(
     ds = ExampleDataset(data, split, labels, text, spec, blind=blind)
     batches = batch_maker(task, seed=0)
     correct, score, n = 0.0, 0.0, 0
+    right: list[bool] = []  # per example, in order, for the accuracy by type (not for itm pairs)
     for batch in DataLoader(ds, batch_size=batch_size):
         batch = batches(batch)
         logits, target = forward(batch), batch["target"]
@@ -65,10 +66,25 @@ def evaluate_dir(
             got = (target[:, 0] > 0.5).eq(logits[:, 0] > 0).float()
         else:
             got = target.gather(1, logits.argmax(-1)[:, None])[:, 0]
-        correct += float((got >= 1.0 - 1e-6).sum()) if task != "vqa" else float((got > 0).sum())
+        hits = (got >= 1.0 - 1e-6) if task != "vqa" else (got > 0)
+        right += hits.tolist()
+        correct += float(hits.sum())
         score += float(got.sum())
         n += len(got)
     result = {"accuracy": correct / max(n, 1), "n": n, "task": task, "data": spec_str, "split": split}
     if spec_str.startswith("vqav2"):
         result["vqa_score"] = score / max(n, 1)
+    kinds = [getattr(ex, "kind", "") for ex in ds.examples]
+    if task != "itm" and any(kinds) and len(kinds) == len(right):
+        result["by_kind"] = accuracy_by_kind(kinds, right)
     return result
+
+
+def accuracy_by_kind(kinds: list[str], right: list[bool]) -> dict[str, dict]:
+    """{kind: {"accuracy": a, "n": n}}, kinds sorted."""
+    totals: dict[str, list[int]] = {}
+    for kind, ok in zip(kinds, right, strict=True):
+        t = totals.setdefault(kind, [0, 0])
+        t[0] += ok
+        t[1] += 1
+    return {k: {"accuracy": c / n, "n": n} for k, (c, n) in sorted(totals.items())}

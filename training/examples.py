@@ -32,6 +32,7 @@ class VQAExample:
     question: str
     answers: dict[str, float]
     grid: GridLabels | None = None
+    kind: str = ""  # the question type, for accuracy by type (scenes: the template; easy-VQA: the answer type)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class EntailmentExample:
     hypothesis: str
     label: str
     grid: GridLabels | None = None
+    kind: str = ""  # the statement type (scenes: the template)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class ReasoningExample:
     statement: str
     label: bool
     grid: GridLabels | None = None
+    kind: str = ""  # the statement type (scenes: the template)
 
 
 @dataclass(frozen=True)

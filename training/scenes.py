@@ -115,14 +115,17 @@ def _read_split(directory: Path, task: str, split: str) -> list:
             r = json.loads(line)
             grid = GridLabels.of(r["cells"], r["named"]) if "cells" in r else None
             if task == "vqa":
-                examples.append(VQAExample(directory / r["image"], r["question"], {r["answer"]: 1.0}, grid))
+                kind = VQA_QUESTIONS[r["question"]][0]
+                examples.append(VQAExample(directory / r["image"], r["question"], {r["answer"]: 1.0}, grid, kind))
             elif task == "entailment":
-                examples.append(EntailmentExample(directory / r["image"], r["hypothesis"], r["label"], grid))
+                kind = ENTAILMENT_STATEMENTS[r["hypothesis"]][0]
+                examples.append(EntailmentExample(directory / r["image"], r["hypothesis"], r["label"], grid, kind))
             elif task == "itm":
                 examples.append(PairExample(directory / r["image"], r["caption"], tuple(r["negatives"])))
             else:
                 left, right = (directory / p for p in r["images"])
-                examples.append(ReasoningExample((left, right), r["statement"], r["label"] == "True", grid))
+                kind = REASONING_STATEMENTS[r["statement"]][0]
+                examples.append(ReasoningExample((left, right), r["statement"], r["label"] == "True", grid, kind))
     return examples
 
 
