@@ -3,15 +3,19 @@
     python -m bench.latency [--quick] [--sizes small base] [--batches 1 32] [--threads 1]
 
 The same request for every variant: one real easy-VQA question (6-14 tokens, padded to 16) and its
-image, repeated to the batch size. Variants: the teacher's fusion forward (HF ViLT, torch); the
-student with the image embedding cached (text tower + head); the student encoding the image in the
-request (image tower + text tower + head); the student with a shallower text tower (2 layers, image
-cached); each student in torch eager, ONNX Runtime fp32 and ONNX Runtime int8 (dynamic int8 text tower
-and head; the image tower stays fp32). Weights are random (from-scratch teachers of the named sizes),
-which does not change the timings. Inputs start as token ids and preprocessed pixels, or the cached
-embedding: tokenising and decoding are the same for every variant and left out. All variants of one
-size and batch are timed in interleaved rounds; speed-ups are medians of per-round ratios. Writes
-bench/results/latency.json, latency.md and latency.png.
+image, repeated to the batch size. Variants: the teacher's fusion forward (HF ViLT) in torch, and
+exported as one graph (export.teacher_export) on ONNX Runtime fp32 and dynamic int8 (every weight MatMul and
+the patch Conv); the student with the image embedding cached (text tower + head); the student encoding
+the image in the request (image tower + text tower + head); the student with a shallower text tower (2
+layers, image cached); each student in torch eager, ONNX Runtime fp32 and ONNX Runtime int8 (dynamic int8
+text tower and head; the image tower stays fp32). On ONNX Runtime, teacher and deep student also run
+with the padding trimmed to the question's own tokens, as the service does. Every speed-up is against
+the teacher on the same runtime, precision and text length, so it measures the model, not the runtime.
+Weights are random (from-scratch teachers of the named sizes), which does not change the timings.
+Inputs start as token ids and preprocessed pixels, or the cached embedding: tokenising and decoding are
+the same for every variant and left out. All variants of one size and batch are timed in interleaved
+rounds; speed-ups are medians of per-round ratios. Writes bench/results/latency.json, latency.md and
+latency.png.
 """
 
 from __future__ import annotations
@@ -41,12 +45,13 @@ from bench.measure import (
     summary_ms,
     write_results,
 )
-from bench.models import SHALLOW_TEXT_LAYERS, Models, Request, build_models, bundles, real_request
+from bench.models import SHALLOW_TEXT_LAYERS, Models, Request, build_models, bundles, real_request, teacher_graphs
 from export.runtime import Bundle
 
 log = logging.getLogger(__name__)
 
 TEACHER = "teacher fusion, torch"
+TRIMMED = ", padding trimmed"  # the variants fed the question's own tokens instead of the padded length
 # --quick skips calls over this: at base size, batch 32, the teacher and the image-in-request student
 # (~800 GFLOP, minutes a call on a busy 2-core CPU) and the deep cached student (87 GFLOP).
 QUICK_MAX_GFLOP = 50.0
@@ -62,27 +67,63 @@ class Variant:
     runtime: str  # "torch" | "onnxruntime fp32" | "onnxruntime int8"
     flops: int
     fn: Callable[[], np.ndarray]  # -> logits (B, C)
+    trimmed: bool = False  # fed the question's own tokens, not the padded length
 
 
-def variants(models: Models, request: Request, batch: int, loaded: dict[tuple[str, str], Bundle]) -> list[Variant]:
-    """Every variant's closure over the same request at `batch`, with its FLOPs per call."""
+def teacher_reference(v: Variant, found: list[Variant]) -> Variant | None:
+    """The teacher variant `v` is compared with: same runtime and precision, same text length."""
+    same = [u for u in found if u.model == "teacher" and (u.runtime, u.trimmed) == (v.runtime, v.trimmed)]
+    return same[0] if same else None
+
+
+def teacher_variants(
+    models: Models, request: Request, batch: int, sessions: dict[str, ort.InferenceSession]
+) -> list[Variant]:
+    """The fusion teacher in torch (padded text) and as one ONNX graph per precision (padded and trimmed)."""
     ids, mask, pixels = request.batch(batch)
     t_ids, t_mask, t_pixels = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pixels)
-    deep, shallow, teacher = models.student, models.shallow, models.teacher
-    cfg, scfg = deep.config, shallow.config
-    with torch.inference_mode():
-        t_image = deep.encode_image(t_pixels)  # both students share the teacher's image tower
-    text_flops, head_f = text_tower_flops(cfg, batch), head_flops(cfg, batch)
+    teacher, cfg, n = models.teacher, models.teacher.config, request.tokens
     out = [
         Variant(
             TEACHER,
             "teacher",
             "fused",
             "torch",
-            teacher_flops(teacher.config, ids.shape[1], batch),
+            teacher_flops(cfg, ids.shape[1], batch),
             lambda: teacher.forward(t_ids, t_mask, t_pixels).logits.numpy(),
         )
     ]
+
+    def ort_teacher(session: ort.InferenceSession, tokens: int) -> Callable[[], np.ndarray]:
+        feed = {"input_ids": ids[:, :tokens], "attention_mask": mask[:, :tokens], "pixel_values": pixels}
+        return lambda: session.run(None, feed)[0]
+
+    for trimmed in (False, True):
+        tokens = n if trimmed else ids.shape[1]
+        for precision, session in sessions.items():
+            name = f"teacher fusion, onnxruntime {precision}" + (TRIMMED if trimmed else "")
+            flops = teacher_flops(cfg, tokens, batch)
+            runtime = f"onnxruntime {precision}"
+            out.append(Variant(name, "teacher", "fused", runtime, flops, ort_teacher(session, tokens), trimmed))
+    return out
+
+
+def variants(
+    models: Models,
+    request: Request,
+    batch: int,
+    loaded: dict[tuple[str, str], Bundle],
+    teachers: dict[str, ort.InferenceSession],
+) -> list[Variant]:
+    """Every variant's closure over the same request at `batch`, with its FLOPs per call."""
+    ids, mask, pixels = request.batch(batch)
+    t_ids, t_mask, t_pixels = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pixels)
+    deep, shallow = models.student, models.shallow
+    cfg, scfg = deep.config, shallow.config
+    with torch.inference_mode():
+        t_image = deep.encode_image(t_pixels)  # both students share the teacher's image tower
+    text_flops, head_f = text_tower_flops(cfg, batch), head_flops(cfg, batch)
+    out = teacher_variants(models, request, batch, teachers)
 
     def torch_cached(model) -> Callable[[], np.ndarray]:
         return lambda: model.head(model.encode_text(t_ids, t_mask), t_image).numpy()
@@ -114,20 +155,11 @@ def variants(models: Models, request: Request, batch: int, loaded: dict[tuple[st
             )
         if kind == "deep":
             # The text graph takes any length up to max_text_len: padding cut to the request's real tokens.
-            trimmed = text_tower_flops(cfg, batch, request.tokens) + head_f
+            flops = text_tower_flops(cfg, batch, request.tokens) + head_f
             for precision in ("fp32", "int8"):
-                name = f"{label}, image cached, onnxruntime {precision}, padding trimmed"
-                runtime = f"onnxruntime {precision}"
-                out.append(
-                    Variant(
-                        name,
-                        label,
-                        "cached",
-                        runtime,
-                        trimmed,
-                        ort_cached(loaded[kind, precision], image, request.tokens),
-                    )
-                )
+                name = f"{label}, image cached, onnxruntime {precision}{TRIMMED}"
+                fn = ort_cached(loaded[kind, precision], image, request.tokens)
+                out.append(Variant(name, label, "cached", f"onnxruntime {precision}", flops, fn, trimmed=True))
             full = image_tower_flops(cfg, batch) + t_flops + head_f
             out.append(
                 Variant(
@@ -155,8 +187,8 @@ def variants(models: Models, request: Request, batch: int, loaded: dict[tuple[st
 
 
 def warm_up(found: list[Variant]) -> tuple[dict[str, float], dict[str, float]]:
-    """One call of each variant: (seconds per variant, max |logit difference| from the torch student of the
-    same depth and image path, for each ONNX Runtime variant)."""
+    """One call of each variant: (seconds per variant, max |logit difference| from the same model in torch
+    (teacher, or student of the same depth and image path), for each ONNX Runtime variant)."""
     logits, seconds = {}, {}
     with torch.inference_mode():
         for v in found:
@@ -172,9 +204,14 @@ def warm_up(found: list[Variant]) -> tuple[dict[str, float], dict[str, float]]:
 
 
 def measure_group(
-    models: Models, request: Request, batch: int, loaded: dict[tuple[str, str], Bundle], args: argparse.Namespace
+    models: Models,
+    request: Request,
+    batch: int,
+    loaded: dict[tuple[str, str], Bundle],
+    teachers: dict[str, ort.InferenceSession],
+    args: argparse.Namespace,
 ) -> dict:
-    found = variants(models, request, batch, loaded)
+    found = variants(models, request, batch, loaded, teachers)
     limit = args.max_gflop if args.max_gflop is not None else QUICK_MAX_GFLOP if args.quick else None
     skipped = [v for v in found if limit is not None and v.flops / 1e9 > limit]
     found = [v for v in found if v not in skipped]
@@ -206,11 +243,14 @@ def measure_group(
             "gflop": v.flops / 1e9,
             **summary_ms(samples[v.name]),
             "per_example_ms": 1000 * float(np.median(samples[v.name])) / batch,
+            "round_ms": [1000 * x for x in samples[v.name]],  # one per interleaved round: any pair's ratio
         }
         if v.name in diffs:
             row["max_abs_logit_diff_vs_torch"] = diffs[v.name]
-        if TEACHER in samples:
-            row["speedup_vs_teacher"] = paired_ratio(samples[TEACHER], samples[v.name])
+        ref = teacher_reference(v, found)
+        if ref is not None:
+            row["teacher_reference"] = ref.name
+            row["speedup_vs_teacher"] = paired_ratio(samples[ref.name], samples[v.name])
         rows.append(row)
     return {
         "size": models.size,
@@ -234,7 +274,7 @@ def markdown(report: dict) -> str:
         lines += [
             f"**{g['size']}, batch {g['batch']}** ({g['rounds']} interleaved rounds)",
             "",
-            "| variant | GFLOP | median ms | per example ms | speed-up vs teacher |",
+            "| variant | GFLOP | median ms | per example ms | speed-up vs teacher (same runtime, precision, text) |",
             "| --- | --- | --- | --- | --- |",
         ]
         for row in g["rows"]:
@@ -274,7 +314,7 @@ def plot(report: dict, path: Path) -> None:
         ax.invert_yaxis()
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("median ms per call (log); labels: speed-up vs the teacher")
+        ax.set_xlabel("median ms per call (log); labels: speed-up vs the teacher on the same runtime and precision")
         ax.set_title(f"{g['size']}, batch {g['batch']}", fontsize=10)
     save_figure(fig, path, dpi=100)
 
@@ -314,9 +354,15 @@ def main(argv: list[str] | None = None) -> int:
                 key: Bundle.load(d, ["CPUExecutionProvider"], threads=args.threads)
                 for key, d in bundles(models, work).items()
             }
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
+            teachers = {
+                precision: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                for precision, path in teacher_graphs(models, work).items()
+            }
             for batch in args.batches:
-                groups.append(measure_group(models, request, batch, loaded, args))
-            del models, loaded
+                groups.append(measure_group(models, request, batch, loaded, teachers, args))
+            del models, loaded, teachers
     report = {
         **header("latency", argv, quick=args.quick, threads=args.threads, provider="CPUExecutionProvider"),
         "request": request_info,

@@ -1,4 +1,4 @@
-"""The benchmarks' models: random-weight teachers of the named sizes, their students, and their ONNX bundles."""
+"""The benchmarks' models: random-weight teachers of the named sizes, their students, and their ONNX graphs."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from core.atomic import atomic_directory
 from core.bundle import GRAPHS, write_manifest, write_metadata
 from core.preprocess import ImageSpec, TextEncoder, load_image
 from export.onnx_export import base_manifest, export_graphs, quantize_int8
+from export.teacher_export import export_teacher_graph, quantize_teacher_int8
 from training.student import DualEncoderStudent
 from training.teacher import SIZES, Teacher, build_teacher, student_from_teacher
 from training.tokenizer import train_wordpiece
@@ -147,3 +148,27 @@ def bundles(models: Models, work: Path) -> dict[tuple[str, str], Path]:
         out[kind, "fp32"] = fp32
         out[kind, "int8"] = write_bundle(model, int8, models.text, models.labels, "int8", graphs_from=fp32)
     return out
+
+
+def teacher_graphs(models: Models, work: Path) -> dict[str, Path]:
+    """precision -> the teacher as one ONNX graph, "fp32" and "int8" (ONNX Runtime dynamic: every weight MatMul and
+    the patch Conv), written with export.teacher_export's functions and reused if already there.
+
+    As for the bundles, dide-export's parity checks are skipped; the benchmarks record each graph's logit
+    difference from the torch teacher on their own request.
+    """
+    directory = work / models.size / "teacher"
+    paths = {"fp32": directory / "teacher-fp32.onnx", "int8": directory / "teacher-int8.onnx"}
+    stamp = {"config": json.loads(models.teacher.config.to_json_string()), "torch": torch.__version__}
+    stamp_path = directory / STAMP
+    if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        return paths
+
+    def write(tmp: Path) -> None:
+        export_teacher_graph(models.teacher, tmp / paths["fp32"].name)
+        quantize_teacher_int8(tmp / paths["fp32"].name, tmp / paths["int8"].name)
+        (tmp / STAMP).write_text(json.dumps(stamp))  # last, so half-written graphs are never reused
+
+    log.info("exporting the %s teacher (fp32 and int8) to %s", models.size, directory)
+    atomic_directory(directory, write)
+    return paths

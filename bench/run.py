@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.measure import RESULTS, header, markers, replace_section, write_json
+from bench.measure import RESULTS, header, markers, paired_ratio, replace_section, write_json
 
 log = logging.getLogger(__name__)
 
@@ -90,40 +90,78 @@ def target(name: str, goal: str, value: str, met: bool | None, note: str = "", u
     return {"target": name, "goal": goal, "measured": value, "status": status, "note": note}
 
 
+DEPLOYABLE_PT = 0.5  # int8 is deployable when within this many points of the same model's fp32 accuracy
+SPEED_FP32, SPEED_BEST = 15.0, 30.0
+STUDENT, TEACHER = (
+    "student, image cached, onnxruntime {}, padding trimmed",
+    "teacher fusion, onnxruntime {}, padding trimmed",
+)
+
+
 def latency_targets(latency: dict | None) -> list[dict]:
-    goal15, goal25 = (
-        "cached student >= 15x faster than the teacher, base, batch 1, ONNX Runtime fp32",
-        ("cached student >= 25x faster, base, batch 1, with int8 or a shallower text tower"),
+    """Both speed-up targets, each student against the teacher on ONNX Runtime at the service's padding.
+
+    Whether int8 is deployable (within DEPLOYABLE_PT of the same model's fp32 accuracy) is not measured
+    here: the weights are random. So the best-deployable verdict is met (or missed) only when it holds in
+    all four cases (int8 deployable or not, for the student and for the teacher); otherwise it is "not
+    measured", and every case is given.
+    """
+    goal_fp32 = (
+        f"cached student >= {SPEED_FP32:g}x faster than the teacher, both ONNX Runtime fp32, base, batch 1, "
+        "the service's padding (the question's own tokens)"
+    )
+    goal_best = (
+        f"best deployable student >= {SPEED_BEST:g}x faster than the best deployable teacher, same shapes "
+        f"(deployable: int8 within {DEPLOYABLE_PT:g} point of the model's own fp32 accuracy, measured)"
     )
     groups = [g for g in (latency or {}).get("groups", []) if g["batch"] == 1]
     group = next((g for g in groups if g["size"] == "base"), groups[-1] if groups else None)
     rows = {r["variant"]: r for r in group["rows"]} if group else {}
-    if not group or "speedup_vs_teacher" not in rows.get("student, image cached, onnxruntime fp32", {}):
-        return [target("speed-up fp32", goal15, "–", None), target("speed-up int8 / shallow", goal25, "–", None)]
+    names = [STUDENT.format(p) for p in ("fp32", "int8")] + [TEACHER.format(p) for p in ("fp32", "int8")]
+    if not group or any("round_ms" not in rows.get(n, {}) for n in names):
+        return [target("speed-up fp32", goal_fp32, "–", None), target("speed-up deployable", goal_best, "–", None)]
     where = "" if group["size"] == "base" else f"measured at size {group['size']}, not base"
-    fp32 = rows["student, image cached, onnxruntime fp32"]["speedup_vs_teacher"]
-    candidates = {
-        v: r["speedup_vs_teacher"]
-        for v, r in rows.items()
-        if "image cached, onnxruntime" in v and (v.endswith("int8") or v.startswith("shallow"))
-    }
-    best = max(candidates, key=candidates.get)
-    trimmed = {v.rsplit(", ", 2)[1]: r["speedup_vs_teacher"] for v, r in rows.items() if v.endswith("padding trimmed")}
-    trim_note = (
-        f"teacher and student text padded to {latency['request']['text_len']} tokens; the service trims padding to "
-        f"the longest question of a batch, which for this {latency['request']['tokens']}-token question gives: "
-        + ", ".join(f"{k} {x:.1f}x" for k, x in trimmed.items())
-        if trimmed
-        else ""
+    tokens = f"both fed the question's {latency['request']['tokens']} tokens"
+
+    def ratio(student: str, teacher: str) -> float:
+        return paired_ratio(rows[TEACHER.format(teacher)]["round_ms"], rows[STUDENT.format(student)]["round_ms"])
+
+    def fastest(name: str, int8: bool) -> str:
+        return min(("fp32", "int8") if int8 else ("fp32",), key=lambda p: rows[name.format(p)]["median_ms"])
+
+    fp32 = ratio("fp32", "fp32")
+    padded = rows.get("student, image cached, onnxruntime fp32", {}).get("speedup_vs_teacher")
+    fp32_note = tokens + (f"; both padded to {latency['request']['text_len']} tokens: {padded:.1f}x" if padded else "")
+    cases = []
+    for s8, t8 in ((True, True), (True, False), (False, True), (False, False)):
+        s, t = fastest(STUDENT, s8), fastest(TEACHER, t8)
+        r = ratio(s, t)
+        yes = {True: "deployable", False: "not"}
+        cases.append((r, f"int8 {yes[s8]} for the student, {yes[t8]} for the teacher: {s} vs {t} {r:.1f}x"))
+    verdicts = {r >= SPEED_BEST for r, _ in cases}
+    shallow = rows.get(
+        f"shallow student ({latency['shallow_text_layers']} text layers), image cached, onnxruntime fp32"
     )
+    notes = [
+        where,
+        tokens,
+        "int8 deployability not measured: the benchmark's weights are random; on trained models dide-export "
+        "--int8 records it (parity.int8.accuracy_delta of a student bundle; of the graph with --teacher)",
+        f"the shallow student, not counted (its accuracy is not measured), is {shallow['speedup_vs_teacher']:.1f}x "
+        "the fp32 teacher in fp32, both padded"
+        if shallow and "speedup_vs_teacher" in shallow
+        else "",
+    ]
     return [
-        target("speed-up fp32", goal15, f"{fp32:.1f}x", fp32 >= 15, "; ".join(filter(None, [where, trim_note]))),
         target(
-            "speed-up int8 / shallow",
-            goal25,
-            f"{candidates[best]:.1f}x with {best}",
-            candidates[best] >= 25,
-            "; ".join(filter(None, [where, "its accuracy cost is not measured here (random weights)"])),
+            "speed-up fp32", goal_fp32, f"{fp32:.1f}x", fp32 >= SPEED_FP32, "; ".join(filter(None, [where, fp32_note]))
+        ),
+        target(
+            "speed-up deployable",
+            goal_best,
+            "; ".join(text for _, text in cases),
+            verdicts.pop() if len(verdicts) == 1 else None,
+            "; ".join(filter(None, notes)),
         ),
     ]
 

@@ -1,4 +1,4 @@
-"""`dide-export`: a student checkpoint to an ONNX bundle (three graphs + preprocessing), checked against torch."""
+"""`dide-export`: a student to an ONNX bundle (3 graphs + preprocessing), or --teacher to one graph; parity-checked."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import platform
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +22,10 @@ from torch import Tensor, nn
 
 import core.bundle as fmt
 from core.atomic import atomic_directory
-from core.preprocess import ImageSpec, load_image
+from core.preprocess import ImageSpec, TextEncoder, load_image
 from export.runtime import Bundle
 from training.examples import images_of, target_of, text_of
-from training.student import DualEncoderStudent, LoadedStudent, load_student
+from training.student import DualEncoderStudent, load_student
 
 log = logging.getLogger(__name__)
 
@@ -166,12 +167,11 @@ class Sample:
     targets: np.ndarray | None
 
 
-def random_sample(model: DualEncoderStudent, n: int, seq_len: int, seed: int) -> Sample:
+def random_sample(vocab_size: int, image_size: int, two_images: bool, n: int, seq_len: int, seed: int) -> Sample:
     """Uniform pixels in [-1, 1], random token ids and random lengths up to seq_len."""
-    cfg = model.config
     rng = np.random.default_rng(seed)
-    S = cfg.image_size
-    ids = rng.integers(5, cfg.vocab_size, (n, seq_len)).astype(np.int64)
+    S = image_size
+    ids = rng.integers(5, vocab_size, (n, seq_len)).astype(np.int64)
     lengths = rng.integers(1, seq_len + 1, n)
     mask = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.int64)
     ids = np.where(mask == 1, ids, 0)
@@ -185,14 +185,16 @@ def random_sample(model: DualEncoderStudent, n: int, seq_len: int, seed: int) ->
         ids,
         mask,
         pix(),
-        pix() if cfg.task == "reasoning" else None,
+        pix() if two_images else None,
         None,
     )
 
 
-def real_sample(loaded: LoadedStudent, spec: str, n: int) -> Sample | None:
-    """The first n test examples of the data the student was trained on, or None (logged) if unavailable."""
-    task = loaded.model.config.task
+def real_sample(
+    spec: str, n: int, task: str, text: TextEncoder, image_spec: ImageSpec, labels: list[str]
+) -> Sample | None:
+    """The first n test examples of `spec` (the data the model was trained on) as `task` examples, tokenised
+    by `text` and preprocessed by `image_spec`, with targets over `labels`; None (logged) if unavailable."""
     try:
         from training.data import load_data
 
@@ -211,12 +213,12 @@ def real_sample(loaded: LoadedStudent, spec: str, n: int) -> Sample | None:
         for ex in examples:
             path = images_of(ex)[i]
             if path not in cache:
-                cache[path] = load_image(path, loaded.image_spec)
+                cache[path] = load_image(path, image_spec)
             out.append(cache[path])
         return np.stack(out)
 
     texts = [text_of(ex) for ex in examples]
-    ids, mask = loaded.text(texts)
+    ids, mask = text(texts)
     split = "test" if data.test else "train"
     return Sample(
         source=f"{spec} {split}[:{len(examples)}]",
@@ -225,7 +227,7 @@ def real_sample(loaded: LoadedStudent, spec: str, n: int) -> Sample | None:
         attention_mask=mask,
         pixels=pixels(0),
         pixels2=pixels(1) if task == "reasoning" else None,
-        targets=np.array([target_of(ex, loaded.labels) for ex in examples], np.float32),
+        targets=np.array([target_of(ex, labels) for ex in examples], np.float32),
     )
 
 
@@ -279,6 +281,39 @@ def check_fp32(stats: dict, what: str) -> None:
             f"fp32 parity failed on {what}: max |logit diff| {stats['max_abs_logit_diff']:.3g} "
             f"(limit {PARITY_TOL:g}), argmax agreement {stats['argmax_agreement']:.2%} (need 100%)"
         )
+
+
+def fp32_parity(
+    reference: Callable[[Sample], np.ndarray],
+    exported: Callable[[Sample, int], np.ndarray],
+    random_of: Callable[[int, int], Sample],
+    real: Sample | None,
+    max_text_len: int,
+    seed: int,
+    data: str,
+) -> tuple[dict, np.ndarray | None]:
+    """Check exported (sample, batch) -> logits against torch's `reference` on random inputs (random_of(seq_len,
+    seed)) at batch 1, 7 and 64, full and half text length (the dynamic axes), and on `real` (labelled test
+    examples of `data`, None when they could not be loaded). Raises ExportError on the first failure.
+
+    Returns (the figures, for parity["fp32"]; the exported logits of `real`, or None).
+    """
+    out: dict = {}
+    for i, (batch, seq_len) in enumerate(
+        ((1, max_text_len), (7, max_text_len), (EVAL_BATCH, max(1, max_text_len // 2)))
+    ):
+        s = random_of(seq_len, seed + i)
+        stats = compare(reference(s), exported(s, batch), None)
+        check_fp32(stats, s.source)
+        out[f"random_b{batch}_l{seq_len}"] = {"source": s.source, "batch": batch, **stats}
+    if real is None:
+        out["real"] = {"skipped": f"data {data!r} could not be loaded"}
+        return out, None
+    got = exported(real, EVAL_BATCH)
+    stats = compare(reference(real), got, real.targets)
+    check_fp32(stats, real.source)
+    out["real"] = {"source": real.source, **stats}
+    return out, got
 
 
 # --- writing the bundle --------------------------------------------------------------------------------
@@ -345,8 +380,9 @@ def export_bundle(
     student_dir = Path(student_dir)
     loaded = load_student(student_dir)
     model, cfg = loaded.model.eval(), loaded.model.config
+    two_images = cfg.task == "reasoning"
     torch.manual_seed(seed)
-    real = real_sample(loaded, eval_data or loaded.data, eval_size)
+    real = real_sample(eval_data or loaded.data, eval_size, cfg.task, loaded.text, loaded.image_spec, loaded.labels)
     cpu = ["CPUExecutionProvider"]
     manifest: dict = {
         **base_manifest(model, loaded.image_spec, precision),
@@ -380,28 +416,22 @@ def export_bundle(
         )
         fmt.write_manifest(tmp, {**manifest, "precision": "fp32", "precision_by_file": {}})
         fp32 = Bundle.load(tmp, cpu)
-        parity: dict = {"tolerance": PARITY_TOL, "fp32": {}}
-        # Random inputs at batch 1, 7 and 64, full and shorter sequences: exercises the dynamic axes.
-        for i, (batch, seq_len) in enumerate(
-            ((1, cfg.max_text_len), (7, cfg.max_text_len), (EVAL_BATCH, max(1, cfg.max_text_len // 2)))
-        ):
-            s = random_sample(model, 64, seq_len, seed + i)
-            stats = compare(torch_logits(model, s), bundle_logits(fp32, s, batch), None)
-            check_fp32(stats, s.source)
-            parity["fp32"][f"random_b{batch}_l{seq_len}"] = {"source": s.source, "batch": batch, **stats}
-        if real is not None:
-            fp32_real = bundle_logits(fp32, real)
-            stats = compare(torch_logits(model, real), fp32_real, real.targets)
-            check_fp32(stats, real.source)
-            parity["fp32"]["real"] = {"source": real.source, **stats}
-        else:
-            parity["fp32"]["real"] = {"skipped": f"data {eval_data or loaded.data!r} could not be loaded"}
+        parity: dict = {"tolerance": PARITY_TOL}
+        parity["fp32"], fp32_real = fp32_parity(
+            lambda s: torch_logits(model, s),
+            lambda s, batch: bundle_logits(fp32, s, batch),
+            lambda seq_len, seed: random_sample(cfg.vocab_size, cfg.image_size, two_images, 64, seq_len, seed),
+            real,
+            cfg.max_text_len,
+            seed,
+            eval_data or loaded.data,
+        )
         log.info("fp32 parity: %s", json.dumps(parity["fp32"]))
         if precision != "fp32":
             (quantize_int8 if precision == "int8" else convert_fp16)(tmp)
             fmt.write_manifest(tmp, {**manifest, "parity": parity})
             low = Bundle.load(tmp, None if precision == "fp16" else cpu)  # fp16 on CUDA when there is one
-            s = real if real is not None else random_sample(model, eval_size, cfg.max_text_len, seed)
+            s = real or random_sample(cfg.vocab_size, cfg.image_size, two_images, eval_size, cfg.max_text_len, seed)
             reference = fp32_real if real is not None else bundle_logits(fp32, s)
             stats = compare(reference, bundle_logits(low, s), s.targets)
             parity[precision] = {"reference": "fp32 onnx", "source": s.source, "provider": low.provider, **stats}
@@ -417,10 +447,16 @@ def export_bundle(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dide-export", description=__doc__)
-    parser.add_argument("--student", required=True, help="student checkpoint directory (from dide-train)")
-    parser.add_argument("--out", required=True, help="bundle directory to write (replaced atomically)")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--student", help="student checkpoint directory (from dide-train)")
+    model.add_argument(
+        "--teacher", help="teacher checkpoint directory: written as one ONNX file (the latency baseline), not a bundle"
+    )
+    parser.add_argument("--out", required=True, help="bundle directory (teacher: .onnx file) to write, atomically")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--int8", action="store_true", help="int8 dynamic quantisation of text tower and head (CPU)")
+    group.add_argument(
+        "--int8", action="store_true", help="int8 dynamic quantisation of text tower and head (teacher: all) (CPU)"
+    )
     group.add_argument("--fp16", action="store_true", help="float16 graphs for the GPU (CUDA execution provider)")
     parser.add_argument("--eval-data", help="data spec for the real-input checks (default: the student's own data)")
     parser.add_argument("--eval-size", type=int, default=EVAL_SIZE, help="examples in the real-input checks")
@@ -428,9 +464,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+    export: Callable[..., dict] = export_bundle
+    if args.teacher:
+        from export.teacher_export import export_teacher  # one graph, not a bundle
+
+        export = export_teacher
     try:
-        manifest = export_bundle(
-            args.student,
+        manifest = export(
+            args.teacher or args.student,
             args.out,
             precision=precision,
             eval_data=args.eval_data,
@@ -440,9 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ValueError, FileNotFoundError) as e:
         log.error("export failed, nothing written: %s", e)
         return 1
-    log.info(
-        "wrote %s: task %s, model_id %s, precision %s", args.out, manifest["task"], manifest["model_id"], precision
-    )
+    what = "teacher" if args.teacher else f"model_id {manifest['model_id']}"
+    log.info("wrote %s: task %s, %s, precision %s", args.out, manifest["task"], what, precision)
     return 0
 
 

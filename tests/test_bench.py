@@ -48,12 +48,19 @@ def test_latency_writes_every_variant_with_ratios(results: Path) -> None:
     assert [(g["size"], g["batch"]) for g in report["groups"]] == [("tiny", 1), ("tiny", 4)]
     one, four = report["groups"]
     rows = {r["variant"]: r for r in one["rows"]}
-    assert len(rows) == 12 and one["rounds"] >= 3 and not one["skipped"]
+    assert len(rows) == 16 and one["rounds"] >= 3 and not one["skipped"]
     assert rows[latency.TEACHER]["speedup_vs_teacher"] == pytest.approx(1.0)
     for r in rows.values():
-        assert r["median_ms"] > 0 and r["samples"] == one["rounds"] and r["speedup_vs_teacher"] > 0
-    # ONNX Runtime fp32 answers as torch does; int8 differs a little
+        assert r["median_ms"] > 0 and r["samples"] == len(r["round_ms"]) == one["rounds"]
+        # every speed-up is against the teacher on the same runtime, precision and text length
+        ref = rows[r["teacher_reference"]]
+        assert ref["model"] == "teacher" and ref["runtime"] == r["runtime"] and r["speedup_vs_teacher"] > 0
+        assert ref["variant"].endswith(latency.TRIMMED) == r["variant"].endswith(latency.TRIMMED)
+    # ONNX Runtime fp32 answers as torch does, teacher and student; int8 differs a little
     assert rows["student, image cached, onnxruntime fp32"]["max_abs_logit_diff_vs_torch"] < 1e-4
+    assert rows["teacher fusion, onnxruntime fp32"]["max_abs_logit_diff_vs_torch"] < 1e-4
+    assert rows["teacher fusion, onnxruntime fp32, padding trimmed"]["max_abs_logit_diff_vs_torch"] < 1e-4
+    assert rows["teacher fusion, onnxruntime int8, padding trimmed"]["max_abs_logit_diff_vs_torch"] < 0.1
     assert rows["student, image in request, onnxruntime int8"]["max_abs_logit_diff_vs_torch"] < 0.1
     # padding trimmed to the question's tokens: the same answer (padded keys are masked), fewer FLOPs
     trimmed = rows["student, image cached, onnxruntime fp32, padding trimmed"]
@@ -66,7 +73,7 @@ def test_latency_writes_every_variant_with_ratios(results: Path) -> None:
         "student, image cached, onnxruntime fp32, padding trimmed",
         "student, image cached, onnxruntime int8, padding trimmed",
     }
-    assert len(four["skipped"]) == 10 and all(s["gflop"] > 0.002 for s in four["skipped"])
+    assert len(four["skipped"]) == 14 and all(s["gflop"] > 0.002 for s in four["skipped"])
     assert all("speedup_vs_teacher" not in r and r["median_ms"] > 0 for r in four["rows"])
 
 
@@ -220,6 +227,7 @@ def test_run_report_and_readme_match_the_json(results: Path, tmp_path: Path) -> 
     assert {t["status"] for t in summary["targets"]} <= {"met", "missed", "not measured"}
     by_name = {t["target"]: t for t in summary["targets"]}
     assert by_name["speed-up fp32"]["status"] != "not measured"  # tiny latency results are there
+    assert "teacher" in by_name["speed-up deployable"]["measured"]
     assert "tiny" in by_name["speed-up fp32"]["note"]
     text = readme.read_text()
     assert text.startswith("# Title\n\nbefore\n") and text.endswith("\nafter\n") and "stale" not in text
@@ -255,3 +263,24 @@ def test_accuracy_targets_leave_out_tasks_whose_teacher_is_at_chance() -> None:
     _, gain = run.accuracy_targets([("accuracy", {**base, "datasets": {"easy-vqa": vqa}})])
     assert gain["status"] == "not measured"  # no relational task at all, informative or not
     assert [t["status"] for t in run.accuracy_targets([])] == ["not measured", "not measured"]
+
+
+def test_deployable_speedup_is_decided_only_when_every_int8_case_agrees() -> None:
+    """int8 deployability is not measured: met or missed only if all four cases say so, else "not measured"."""
+
+    def latency_at(student_ms: dict[str, float], teacher_ms: dict[str, float]) -> dict:
+        rows = [
+            {"variant": name.format(p), "median_ms": ms, "round_ms": [ms] * 3}
+            for name, times in ((run.STUDENT, student_ms), (run.TEACHER, teacher_ms))
+            for p, ms in times.items()
+        ]
+        groups = [{"size": "base", "batch": 1, "rows": rows}]
+        return {"request": {"tokens": 8, "text_len": 16}, "shallow_text_layers": 2, "groups": groups}
+
+    def statuses(student_ms: dict[str, float], teacher_ms: dict[str, float]) -> tuple[str, str]:
+        fp32, best = run.latency_targets(latency_at(student_ms, teacher_ms))
+        return fp32["status"], best["status"]
+
+    assert statuses({"fp32": 20, "int8": 10}, {"fp32": 700, "int8": 700}) == ("met", "met")  # 35x at worst
+    assert statuses({"fp32": 50, "int8": 20}, {"fp32": 800, "int8": 900}) == ("met", "not measured")  # 16x or 40x
+    assert statuses({"fp32": 60, "int8": 30}, {"fp32": 800, "int8": 600}) == ("missed", "missed")  # 26.7x at best
