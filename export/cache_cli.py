@@ -1,4 +1,5 @@
-"""`dide-cache`: build, merge, verify and query the image-embedding store with a bundle's image tower."""
+"""`dide-cache`: build, merge, verify and query the image-embedding store with a bundle's image tower, and
+search it with a bundle's head (`dide-cache search`, in export.search_cli)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from core.bundle import BundleError, read_manifest
 from core.preprocess import ImageError, decode_image
+from export import search_cli
 from export.runtime import Bundle
 from export.store import INDEX_KINDS, MANIFEST, EmbeddingStore, StoreError, StoreLocked, content_key
 
@@ -496,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--image", help="an image file (encoded with --bundle if not in the store)")
     p.add_argument("-k", type=int, default=10, help="neighbours to list")
     p.set_defaults(run=cmd_similar)
+
+    search_cli.add_parser(sub)
 
     args = parser.parse_args(argv)
     logging.basicConfig(

@@ -24,6 +24,8 @@ import core.bundle as fmt
 from core.atomic import atomic_directory
 from core.preprocess import ImageSpec, TextEncoder, load_image
 from export.runtime import Bundle
+from export.search import scan_parity
+from export.search_export import export_search_files
 from training.examples import images_of, target_of, text_of
 from training.student import DualEncoderStudent, load_student
 
@@ -107,7 +109,7 @@ def export_image_graph(model: DualEncoderStudent, path: Path) -> None:
 
 
 def export_graphs(model: DualEncoderStudent, directory: Path) -> None:
-    """Write image_encoder.onnx, text_encoder.onnx and head.onnx (fp32) into `directory`."""
+    """Write image_encoder.onnx, text_encoder.onnx and head.onnx (fp32), and the search files, into `directory`."""
     cfg = model.config
     B, L, D = 2, cfg.max_text_len, cfg.hidden_size
     ids = torch.randint(5, cfg.vocab_size, (B, L))
@@ -123,6 +125,7 @@ def export_graphs(model: DualEncoderStudent, directory: Path) -> None:
         export_graph(Head(model), head_args, directory / fmt.HEAD, names, fmt.HEAD_OUTPUT, False)
     for name in (fmt.IMAGE_ENCODER, fmt.TEXT_ENCODER, fmt.HEAD):
         onnx.checker.check_model(str(directory / name))
+    export_search_files(model, directory)
 
 
 def model_id_of(model: DualEncoderStudent, spec_dict: dict, image_precision: str) -> str:
@@ -426,6 +429,8 @@ def export_bundle(
             seed,
             eval_data or loaded.data,
         )
+        parity["fp32"]["search"] = scan_parity(fp32, seed=seed)  # the scan over cached images vs head.onnx
+        check_fp32({**parity["fp32"]["search"], "argmax_agreement": 1.0}, "the search scan")
         log.info("fp32 parity: %s", json.dumps(parity["fp32"]))
         if precision != "fp32":
             (quantize_int8 if precision == "int8" else convert_fp16)(tmp)

@@ -17,6 +17,7 @@ from core.bundle import (
     IMAGE_ENCODER,
     IMAGE_INPUTS,
     IMAGE_OUTPUT,
+    SCAN,
     TEXT_ENCODER,
     TEXT_INPUTS,
     TEXT_OUTPUT,
@@ -57,6 +58,11 @@ class Bundle:
         head_inputs = HEAD_INPUTS_REASONING if self.task == "reasoning" else HEAD_INPUTS
         self._head = self._session(HEAD, blobs, options, providers, head_inputs, HEAD_OUTPUT)
         self.provider: str = self._image.get_providers()[0]
+        self.providers = providers
+        # Collection search (export.search): the head's weights and the scan graph, when the bundle has them.
+        self.search_problem: str | None = files.search_problem()
+        self.fusion: dict[str, np.ndarray] = {} if self.search_problem else files.fusion_arrays()
+        self.scan_graph: bytes = b"" if self.search_problem else blobs[SCAN]
 
     def _session(
         self,

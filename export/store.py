@@ -269,6 +269,33 @@ class EmbeddingStore:
                 out[found] = self._vectors[np.array([r for r in rows if r is not None], np.int64)]
         return out, found
 
+    def rows_of(self, keys: Iterable[str]) -> tuple[np.ndarray, list[str]]:
+        """Row numbers (sorted, unique) of the content the keys (sha256s or user ids) name; the keys unknown."""
+        with self._mutex:
+            found: set[int] = set()
+            unknown: list[str] = []
+            for key in keys:
+                row = self._row_of_key(key)
+                if row is None:
+                    unknown.append(key)
+                else:
+                    found.add(row)
+        return np.array(sorted(found), np.int64), unknown
+
+    def rows_named(self, prefix: str) -> np.ndarray:
+        """Row numbers (sorted, unique) of the content whose user ids start with `prefix`."""
+        with self._mutex:
+            return np.unique(np.array([r for uid, r in self._uid_rows.items() if uid.startswith(prefix)], np.int64))
+
+    def names_at(self, rows: Iterable[int]) -> list[list[str]]:
+        """The user ids naming each row's content (oldest first; [] for none)."""
+        with self._mutex:
+            wanted: dict[int, list[str]] = {int(r): [] for r in rows}
+            for uid, row in self._uid_rows.items():
+                if row in wanted:
+                    wanted[row].append(uid)
+            return [wanted[int(r)] for r in rows]
+
     def user_ids(self) -> dict[str, str]:
         """Every user id and the sha256 it maps to, in commit order."""
         with self._mutex:

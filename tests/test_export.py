@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from core.bundle import BUNDLE_FILES
+from core.bundle import BUNDLE_FILES, SEARCH_FILES
 from export import onnx_export
 from export.onnx_export import OPSET, PARITY_TOL, main
 from export.runtime import Bundle
@@ -23,8 +23,10 @@ def manifest_of(bundle: Path) -> dict:
 
 def test_bundle_files_manifest_and_fp32_parity(tiny_bundle: Path, tiny_student_dir: Path) -> None:
     m = manifest_of(tiny_bundle)
-    assert sorted(p.name for p in tiny_bundle.iterdir()) == sorted([*BUNDLE_FILES, "manifest.json"])
-    assert m["files"] == {n: hashlib.sha256((tiny_bundle / n).read_bytes()).hexdigest() for n in BUNDLE_FILES}
+    every = [*BUNDLE_FILES, *SEARCH_FILES]
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == sorted([*every, "manifest.json"])
+    assert m["files"] == {n: hashlib.sha256((tiny_bundle / n).read_bytes()).hexdigest() for n in every}
+    assert m["search"]["version"] == 1 and m["parity"]["fp32"]["search"]["max_abs_logit_diff"] < 1e-5
     assert (m["task"], m["dim"], m["opset"], m["precision"], m["num_labels"]) == ("vqa", 32, OPSET, "fp32", 13)
     assert len(m["model_id"]) == 16 and int(m["model_id"], 16) >= 0
     assert (
