@@ -21,8 +21,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from core.preprocess import ImageError, TextError
+from export.search import BadQuery
 from service.batcher import Overloaded
-from service.engine import Engine, ImageNotFound, TaskNotLoaded
+from service.engine import Engine, ImageNotFound, SearchNotAvailable, TaskNotLoaded
 from service.errors import ApiError, error_response, validation_message
 from service.metrics import Metrics, MetricsMiddleware
 from service.openapi import install_openapi
@@ -185,6 +186,8 @@ def _install_error_handlers(app: FastAPI, settings: Settings) -> None:
     app.add_exception_handler(TextError, handle(422, "invalid_text"))
     app.add_exception_handler(ImageNotFound, handle(404, "image_not_found"))
     app.add_exception_handler(TaskNotLoaded, handle(404, "task_not_loaded"))
+    app.add_exception_handler(SearchNotAvailable, handle(404, "search_unavailable"))
+    app.add_exception_handler(BadQuery, handle(422, "invalid_query"))
     app.add_exception_handler(NameTaken, handle(409, "name_taken"))
     app.add_exception_handler(Overloaded, handle(503, "overloaded", retry))
     app.add_exception_handler(BodyTooLarge, handle(413, "payload_too_large"))

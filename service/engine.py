@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from export.runtime import Bundle
+from export.search import Results
 from export.store import EmbeddingStore, StoreError, is_sha256
 from service.answers import (
     EntailmentAnswer,
@@ -26,6 +27,7 @@ from service.answers import (
 )
 from service.batcher import MicroBatcher, Overloaded
 from service.metrics import Metrics
+from service.search import Searcher, searcher_for
 from service.settings import Settings
 from service.space import ImageVector, Space
 
@@ -42,6 +44,10 @@ class ImageNotFound(LookupError):
 
 class TaskNotLoaded(LookupError):
     """The service was started without a bundle for this task: a 404."""
+
+
+class SearchNotAvailable(LookupError):
+    """The task's bundle was exported without the search files: a 404 that says to export it again."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,8 @@ class Model:
         self.space = space
         self.metrics = metrics
         self.text_cache = TextCache(settings.text_cache_size)
+        self.searcher: Searcher | None = None
+        self.search_problem: str | None = "collection search is not loaded yet"
         self.batcher: MicroBatcher[Row, np.ndarray] = MicroBatcher(
             self.run,
             executor,
@@ -100,16 +108,26 @@ class Model:
 
     def run(self, rows: list[Row]) -> list[np.ndarray]:
         """Text tower (texts not in the cache, each once) and head over a batch: logits (C,) per row."""
+        texts = self.text_embeddings([row.text for row in rows])
+        text_emb = np.stack([texts[row.text] for row in rows])
+        images = [np.stack([row.images[i] for row in rows]) for i in range(len(rows[0].images))]
+        with self.metrics.stage("head"):
+            logits = self.bundle.head(text_emb, *images)
+        self.metrics.batch_size.labels(model="head").observe(len(rows))
+        return list(logits)
+
+    def text_embeddings(self, wanted: list[str]) -> dict[str, np.ndarray]:
+        """Text -> embedding (D,) for each distinct text: from the cache, the rest through the text tower at once."""
         texts: dict[str, np.ndarray] = {}
         missing: list[str] = []
-        for row in rows:
-            if row.text in texts or row.text in missing:
+        for text in wanted:
+            if text in texts or text in missing:
                 continue
-            vec = self.text_cache.get(row.text)
+            vec = self.text_cache.get(text)
             if vec is None:
-                missing.append(row.text)
+                missing.append(text)
             else:
-                texts[row.text] = vec
+                texts[text] = vec
         self.metrics.hit("text", len(texts))
         self.metrics.miss("text", len(missing))
         if missing:
@@ -121,12 +139,7 @@ class Model:
             for text, vec in zip(missing, encoded, strict=True):
                 texts[text] = vec
                 self.text_cache.put(text, vec)
-        text_emb = np.stack([texts[row.text] for row in rows])
-        images = [np.stack([row.images[i] for row in rows]) for i in range(len(rows[0].images))]
-        with self.metrics.stage("head"):
-            logits = self.bundle.head(text_emb, *images)
-        self.metrics.batch_size.labels(model="head").observe(len(rows))
-        return list(logits)
+        return texts
 
 
 class Engine:
@@ -141,6 +154,8 @@ class Engine:
         self.spaces: dict[str, Space] = {}
         self.ready = False
         self._encoding = 0  # image encodes queued or running, bounded by queue_max
+        self._searching = 0  # searches queued or running, bounded by queue_max; one scans at a time
+        self._scan_lock = asyncio.Lock()  # binds to the running loop on first use
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- life cycle ----------------------------------------------------------------------------------------
@@ -195,6 +210,7 @@ class Engine:
             model.bundle.warmup()
             model.run([Row("warm up", (np.zeros(model.bundle.dim, np.float32),) * (2 if task == "reasoning" else 1))])
             log.info("%s: warm, provider %s", task, model.bundle.provider)
+            model.searcher, model.search_problem = searcher_for(model.bundle, model.space.store, self.metrics)
 
     @property
     def provider(self) -> str:
@@ -302,6 +318,39 @@ class Engine:
         logits, images = await self.predict("reasoning", statement, refs)
         label, score = reasoning_verdict(logits, model.bundle.labels)
         return ReasoningAnswer(label, score, images, model.space.model_id)
+
+    async def search(
+        self,
+        task: str,
+        text: str,
+        wanted: str,
+        k: int,
+        *,
+        ids: list[str] | None = None,
+        prefix: str | None = None,
+        pair: str | bytes | None = None,
+        side: str = "left",
+    ) -> Results:
+        """The k cached images most likely to get the wanted answer (label, verdict) for the text; for reasoning,
+        each paired with the image `pair` placed on `side`. One scan runs at a time (it uses every core)."""
+        model = self.model(task)
+        searcher = model.searcher
+        if searcher is None:
+            raise SearchNotAvailable(f"{task} search is not available: {model.search_problem}")
+        if self._searching >= self.settings.queue_max:
+            raise Overloaded(f"{self._searching} searches are queued, the limit is {self.settings.queue_max}")
+        self._searching += 1
+        try:
+            given = None if pair is None else (await self.image(model.space, pair)).vector
+            loop = asyncio.get_running_loop()
+            text_emb = (await loop.run_in_executor(self.executor, model.text_embeddings, [text]))[text]
+            async with self._scan_lock:
+                return await loop.run_in_executor(
+                    self.executor,
+                    lambda: searcher.run(text_emb, wanted, k, ids=ids, prefix=prefix, pair=given, side=side),
+                )
+        finally:
+            self._searching -= 1
 
     def summaries(self) -> dict[str, ModelSummary]:
         """What each task's model is: its embedding space, provider, number of labels and width."""

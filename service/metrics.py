@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-STAGES = ("decode", "tokenize", "text_encode", "image_encode", "lookup", "head")
+STAGES = ("decode", "tokenize", "text_encode", "image_encode", "lookup", "head", "search_parts", "search_scan")
 
 
 class Metrics:
@@ -45,6 +45,9 @@ class Metrics:
         self.queue_depth = Gauge("dide_queue_depth", "Requests waiting for a micro-batch.", registry=r)
         self.cache_hits = Counter("dide_cache_hits_total", "Embedding cache hits.", ["cache"], registry=r)
         self.cache_misses = Counter("dide_cache_misses_total", "Embedding cache misses.", ["cache"], registry=r)
+        self.search_rows = Counter(
+            "dide_search_rows_total", "Cached images scored by collection searches.", ["task"], registry=r
+        )
         self.inflight = Gauge("dide_inflight_requests", "Requests being served.", registry=r)
         self.ready = Gauge("dide_ready", "1 when every model is loaded and warm, else 0.", registry=r)
         self.build_info = Gauge(
@@ -58,6 +61,8 @@ class Metrics:
             self.stage_duration.labels(stage=stage)
         for model in ("text", "head"):
             self.batch_size.labels(model=model)
+        for task in ("vqa", "entailment", "reasoning"):
+            self.search_rows.labels(task=task)
         for cache in ("image", "text"):
             self.cache_hits.labels(cache=cache)
             self.cache_misses.labels(cache=cache)

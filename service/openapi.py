@@ -14,18 +14,31 @@ from service.schemas import (
     IMAGE_ID_MAX,
     TOP_K_MAX,
     EntailmentRequest,
+    EntailmentSearchRequest,
     ErrorResponse,
     ImageUploadRequest,
     ReasoningRequest,
+    ReasoningSearchRequest,
     VQARequest,
+    VQASearchRequest,
 )
 from service.settings import Settings
 
-TEXT_FIELDS = {"VQARequest": "question", "EntailmentRequest": "hypothesis", "ReasoningRequest": "statement"}
+TEXT_FIELDS = {
+    "VQARequest": "question",
+    "EntailmentRequest": "hypothesis",
+    "ReasoningRequest": "statement",
+    "VQASearchRequest": "question",
+    "EntailmentSearchRequest": "hypothesis",
+    "ReasoningSearchRequest": "statement",
+}
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "API keys are configured and none (or a wrong one) was given."},
-    404: {"model": ErrorResponse, "description": "Unknown image id, or no model loaded for this task."},
+    404: {
+        "model": ErrorResponse,
+        "description": "Unknown image id, no model loaded for this task, or (search) a bundle without search files.",
+    },
     413: {"model": ErrorResponse, "description": "The body is over DIDE_MAX_BODY_BYTES."},
     415: {"model": ErrorResponse, "description": "The body is not JSON (or multipart where accepted)."},
     422: {"model": ErrorResponse, "description": "Malformed JSON, a missing/extra/mistyped field, bad text or image."},
@@ -91,7 +104,16 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             models: list[tuple[type[BaseModel], Literal["validation"]]] = [
-                (m, "validation") for m in (VQARequest, EntailmentRequest, ReasoningRequest, ImageUploadRequest)
+                (m, "validation")
+                for m in (
+                    VQARequest,
+                    EntailmentRequest,
+                    ReasoningRequest,
+                    ImageUploadRequest,
+                    VQASearchRequest,
+                    EntailmentSearchRequest,
+                    ReasoningSearchRequest,
+                )
             ]
             _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})

@@ -22,6 +22,7 @@ from service.schemas import (
     Answer,
     EntailmentRequest,
     EntailmentResponse,
+    EntailmentSearchRequest,
     ErrorResponse,
     HealthResponse,
     ImageStatus,
@@ -31,8 +32,13 @@ from service.schemas import (
     ReadyResponse,
     ReasoningRequest,
     ReasoningResponse,
+    ReasoningSearchRequest,
+    SearchFilters,
+    SearchHit,
+    SearchResponse,
     VQARequest,
     VQAResponse,
+    VQASearchRequest,
 )
 from service.settings import Settings
 
@@ -93,6 +99,44 @@ async def reasoning(request: Request, engine: EngineDep, settings: SettingsDep):
         cached=[im.cached for im in a.images],
         model_id=a.model_id,
     )
+
+
+async def search(
+    request: Request, engine: Engine, settings: Settings, task: str, model: type[SearchFilters]
+) -> SearchResponse:
+    req = await task_request(request, engine, settings, task, model, multipart=False)
+    text, wanted, pair = req.query()
+    a = await engine.search(task, text, wanted, req.k, ids=req.ids, prefix=req.prefix, **pair)
+    return SearchResponse(
+        results=[SearchHit(image_id=h.image_id, names=h.names, score=h.score) for h in a.hits],
+        wanted=wanted,
+        scanned=a.scanned,
+        collection=a.collection,
+        unknown_ids=a.unknown_ids,
+        model_id=a.model_id,
+    )
+
+
+SEARCH_SUMMARIES = {
+    "vqa": "Rank every cached image by how likely the model gives the wanted answer to a question about it",
+    "entailment": "Rank every cached image by how likely it entails (contradicts, leaves open) a hypothesis",
+    "reasoning": "Rank every cached image, paired with a given one, by how likely a statement is true (false) of them",
+}
+
+
+@task_route("/search/vqa", VQASearchRequest, SearchResponse, SEARCH_SUMMARIES["vqa"])
+async def search_vqa(request: Request, engine: EngineDep, settings: SettingsDep):
+    return await search(request, engine, settings, "vqa", VQASearchRequest)
+
+
+@task_route("/search/entailment", EntailmentSearchRequest, SearchResponse, SEARCH_SUMMARIES["entailment"])
+async def search_entailment(request: Request, engine: EngineDep, settings: SettingsDep):
+    return await search(request, engine, settings, "entailment", EntailmentSearchRequest)
+
+
+@task_route("/search/reasoning", ReasoningSearchRequest, SearchResponse, SEARCH_SUMMARIES["reasoning"])
+async def search_reasoning(request: Request, engine: EngineDep, settings: SettingsDep):
+    return await search(request, engine, settings, "reasoning", ReasoningSearchRequest)
 
 
 @router.post(

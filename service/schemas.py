@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -70,6 +70,11 @@ def _optional_base64(schema: dict[str, Any]) -> None:
     schema.update(_BASE64_SCHEMA)
 
 
+def _optional(description: str, **constraints: Any) -> Any:
+    """An optional field: absent means None; an explicit null is refused (_reject_null), no null default is shown."""
+    return Field(None, description=description, json_schema_extra=_no_default, **constraints)
+
+
 def _reject_null(value: object) -> object:
     if value is None:
         raise ValueError("must be a string, not null")
@@ -98,12 +103,8 @@ class StrictModel(BaseModel):
 class OneImage(StrictModel):
     """An image given by `image_id` (a sha256 or a user id in the store) or by `image` (base64 bytes)."""
 
-    image_id: str | SkipJsonSchema[None] = Field(
-        None,
-        min_length=1,
-        max_length=IMAGE_ID_MAX,
-        description="The sha256 of a stored image, or a user id the store maps to one.",
-        json_schema_extra=_no_default,
+    image_id: str | SkipJsonSchema[None] = _optional(
+        "The sha256 of a stored image, or a user id the store maps to one.", min_length=1, max_length=IMAGE_ID_MAX
     )
     image: str | SkipJsonSchema[None] = Field(
         None,
@@ -221,6 +222,130 @@ class ImageUploadRequest(StrictModel):
 
     def image_bytes(self) -> bytes:
         return self._data
+
+
+SEARCH_K_MAX = 1000
+SEARCH_IDS_MAX = 10_000
+ImageId = Annotated[str, Field(min_length=1, max_length=IMAGE_ID_MAX)]
+
+
+class SearchFilters(StrictModel):
+    """How many images to return, and which cached images to consider (default: all of them)."""
+
+    k: int = Field(10, ge=1, le=SEARCH_K_MAX, description="How many images to return, best first.")
+    ids: list[ImageId] | SkipJsonSchema[None] = _optional(
+        "Only these images (sha256s or user ids); ids the store does not know are listed in the answer.",
+        min_length=1,
+        max_length=SEARCH_IDS_MAX,
+    )
+    prefix: str | SkipJsonSchema[None] = _optional(
+        "Only images with a user id starting with this (combined with `ids`: both must hold).",
+        min_length=1,
+        max_length=IMAGE_ID_MAX,
+    )
+    _nonnull = field_validator("ids", "prefix", mode="before")(_reject_null)
+
+    def query(self) -> tuple[str, str, dict[str, Any]]:
+        """(the text, the wanted answer, label or verdict, the given image's arguments for reasoning)."""
+        raise NotImplementedError
+
+
+class VQASearchRequest(SearchFilters):
+    """Which cached images would the model answer this question about with this answer?"""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"question": "is there a red circle in the image?", "answer": "yes", "k": 5},
+                {"question": "what shape is in the image?", "answer": "triangle", "k": 3, "prefix": "10"},
+            ]
+        }
+    )
+    question: str = Field(min_length=1, pattern=r"\S", description="The question, in plain text.")
+    answer: str = Field(min_length=1, max_length=IMAGE_ID_MAX, description="The wanted answer (one of the model's).")
+
+    _text = field_validator("question")(check_text)
+
+    def query(self) -> tuple[str, str, dict[str, Any]]:
+        return self.question, self.answer, {}
+
+
+class EntailmentSearchRequest(SearchFilters):
+    """Which cached images entail (contradict, leave open) this hypothesis?"""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"hypothesis": "there is a red circle to the left of a square", "label": "entailment", "k": 5},
+                {"hypothesis": "there are two blue triangles", "label": "contradiction", "ids": ["0", "1", "2"]},
+            ]
+        }
+    )
+    hypothesis: str = Field(min_length=1, pattern=r"\S", description="The hypothesis, in plain text.")
+    label: str = Field("entailment", min_length=1, max_length=64, description="The wanted label.")
+
+    _text = field_validator("hypothesis")(check_text)
+
+    def query(self) -> tuple[str, str, dict[str, Any]]:
+        return self.hypothesis, self.label, {}
+
+
+class ReasoningSearchRequest(SearchFilters):
+    """Which cached images, paired with the given image, make the statement true (or false)?"""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "statement": "both images contain a circle",
+                    "pair": {"image_id": "3"},
+                    "side": "left",
+                    "verdict": True,
+                    "k": 5,
+                }
+            ]
+        }
+    )
+    statement: str = Field(min_length=1, pattern=r"\S", description="The statement, in plain text.")
+    pair: ImageRef = Field(description="The given image, {'image_id': ...} or {'image': base64}.")
+    side: Literal["left", "right"] = Field(
+        "left", description="Where the given image goes; each cached image takes the other side."
+    )
+    verdict: bool = Field(True, description="The wanted verdict: true (the statement holds) or false.")
+
+    _text = field_validator("statement")(check_text)
+
+    def query(self) -> tuple[str, str, dict[str, Any]]:
+        return self.statement, "true" if self.verdict else "false", {"pair": self.pair.ref(), "side": self.side}
+
+
+class SearchHit(BaseModel):
+    image_id: str = Field(description="The image's sha256.")
+    names: list[str] = Field(description="The user ids naming it (e.g. file stems from dide-cache build).")
+    score: float = Field(description="The probability of the wanted answer, as the per-image endpoint gives it.")
+
+
+class SearchResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "results": [{"image_id": EXAMPLE_SHA, "names": ["42"], "score": 0.97}],
+                    "wanted": "yes",
+                    "scanned": 1000,
+                    "collection": 1000,
+                    "unknown_ids": [],
+                    "model_id": "a1b2c3d4e5f60718",
+                }
+            ]
+        }
+    )
+    results: list[SearchHit] = Field(description="The k best images, best first (ties: the earlier cached first).")
+    wanted: str = Field(description="The answer, label or verdict scored.")
+    scanned: int = Field(description="Cached images scored (after the filters).")
+    collection: int = Field(description="Images cached for this task's model.")
+    unknown_ids: list[str] = Field(description="Ids of the `ids` filter that name no cached image.")
+    model_id: str
 
 
 class Answer(BaseModel):

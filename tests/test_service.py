@@ -906,6 +906,9 @@ def test_openapi_documents_every_endpoint_with_examples(make_settings: Callable[
         "/reasoning",
         "/images",
         "/images/{image_id}",
+        "/search/vqa",
+        "/search/entailment",
+        "/search/reasoning",
         "/healthz",
         "/readyz",
         "/metrics",
@@ -929,10 +932,27 @@ def test_openapi_documents_every_endpoint_with_examples(make_settings: Callable[
     assert "multipart/form-data" not in paths["/reasoning"]["post"]["requestBody"]["content"]
     assert schemas["VQARequest"]["properties"]["question"]["maxLength"] == 77
     assert schemas["ReasoningRequest"]["properties"]["statement"]["maxLength"] == 77
+    assert schemas["ReasoningSearchRequest"]["properties"]["statement"]["maxLength"] == 77
     assert schemas["VQARequest"]["oneOf"] == [{"required": ["image_id"]}, {"required": ["image"]}]
     # The documented examples are accepted as they are (shape-wise; their ids are not in this store).
-    from service.schemas import EntailmentRequest, ImageUploadRequest, ReasoningRequest, VQARequest
+    from service.schemas import (
+        EntailmentRequest,
+        EntailmentSearchRequest,
+        ImageUploadRequest,
+        ReasoningRequest,
+        ReasoningSearchRequest,
+        VQARequest,
+        VQASearchRequest,
+    )
 
-    for model in (VQARequest, EntailmentRequest, ReasoningRequest, ImageUploadRequest):
+    for model in (
+        VQARequest,
+        EntailmentRequest,
+        ReasoningRequest,
+        ImageUploadRequest,
+        VQASearchRequest,
+        EntailmentSearchRequest,
+        ReasoningSearchRequest,
+    ):
         for example in model.model_json_schema()["examples"]:
             model.model_validate_json(json.dumps(example))
