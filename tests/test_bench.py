@@ -284,3 +284,17 @@ def test_deployable_speedup_is_decided_only_when_every_int8_case_agrees() -> Non
     assert statuses({"fp32": 20, "int8": 10}, {"fp32": 700, "int8": 700}) == ("met", "met")  # 35x at worst
     assert statuses({"fp32": 50, "int8": 20}, {"fp32": 800, "int8": 900}) == ("met", "not measured")  # 16x or 40x
     assert statuses({"fp32": 60, "int8": 30}, {"fp32": 800, "int8": 600}) == ("missed", "missed")  # 26.7x at best
+
+
+def test_scenes_figure_shows_one_example_per_template(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from bench import scenes_figure
+
+    monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
+    out = tmp_path / "scenes.png"
+    assert scenes_figure.main(["--per-task", "2", "--test-images", "8", "--out", str(out)]) == 0
+    with Image.open(out) as img:
+        assert img.width > 300 and img.height > 300
+    kinds = [ex.kind for ex in scenes_figure.pick("reasoning", 3, 8)]
+    assert len(kinds) == len(set(kinds)) == 3
