@@ -85,6 +85,9 @@ def export_graph(
     The TorchScript exporter (dynamo=False): with torch pinned at 2.13 it gives the same graphs and
     parity as the torch.export-based one, in ~1 s instead of ~25 s per tiny bundle on a 2-core CPU.
     """
+    # Inference mode for the export, and after it: torch.onnx.export restores the wrapper's mode, and a
+    # wrapper made in training mode would leave the student's dropout on for the parity checks.
+    module.eval()
     axes = {0: "batch", 1: "seq"} if seq_axis else {0: "batch"}
     dynamic_axes = {name: axes for name in input_names} | {output: {0: "batch"}}
     with warnings.catch_warnings():

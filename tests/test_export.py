@@ -147,3 +147,24 @@ def test_other_tasks_export_with_real_parity(tiny_bundle_factory: Callable[[str]
     head = onnx.load(str(tiny_bundle_factory(task) / "head.onnx"))
     expected = ["text_embedding", "image_embedding"] + (["image_embedding_2"] if task == "reasoning" else [])
     assert [i.name for i in head.graph.input] == expected
+
+
+def test_a_student_trained_with_dropout_exports_with_parity(tmp_path: Path) -> None:
+    """The export wrappers are made in training mode and torch.onnx.export restores their mode: without
+    putting them in eval mode, the student's dropout was on during the parity checks and they failed."""
+    import dataclasses
+
+    import torch
+
+    from core.preprocess import ImageSpec
+    from training.student import DualEncoderStudent, save_student, tiny_config
+    from training.tokenizer import train_wordpiece
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_config("entailment", 3, 200), dropout=0.1)
+    student = DualEncoderStudent(cfg)
+    tokenizer = train_wordpiece(["there is a red circle.", "a blue square is left of a circle."] * 4, vocab_size=200)
+    directory = tmp_path / "student"
+    save_student(student, directory, labels=["entailment", "neutral", "contradiction"], tokenizer=tokenizer,
+                 image_spec=ImageSpec(size=32), data="scenes:train=4,test=32,seed=0")  # fmt: skip
+    assert main(["--student", str(directory), "--out", str(tmp_path / "bundle"), "--eval-size", "16"]) == 0
