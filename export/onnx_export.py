@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +79,10 @@ def export_graph(
     path: Path,
     input_names: tuple[str, ...],
     output: str,
-    seq_axis: bool,
+    seq_inputs: tuple[str, ...] = (),
 ) -> None:
-    """Export one graph with a dynamic batch axis (and sequence axis) on every input and the output.
+    """Export one graph with a dynamic batch axis on every input and the output, and a dynamic sequence axis
+    (dim 1) on `seq_inputs`.
 
     The TorchScript exporter (dynamo=False): with torch pinned at 2.13 it gives the same graphs and
     parity as the torch.export-based one, in ~1 s instead of ~25 s per tiny bundle on a 2-core CPU.
@@ -88,8 +90,7 @@ def export_graph(
     # Inference mode for the export, and after it: torch.onnx.export restores the wrapper's mode, and a
     # wrapper made in training mode would leave the student's dropout on for the parity checks.
     module.eval()
-    axes = {0: "batch", 1: "seq"} if seq_axis else {0: "batch"}
-    dynamic_axes = {name: axes for name in input_names} | {output: {0: "batch"}}
+    dynamic_axes = {name: {0: "batch", 1: "seq"} if name in seq_inputs else {0: "batch"} for name in input_names}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
         torch.onnx.export(
@@ -100,7 +101,7 @@ def export_graph(
             output_names=[output],
             opset_version=OPSET,
             dynamo=False,
-            dynamic_axes=dynamic_axes,
+            dynamic_axes=dynamic_axes | {output: {0: "batch"}},
         )
 
 
@@ -108,7 +109,7 @@ def export_image_graph(model: DualEncoderStudent, path: Path) -> None:
     """Write the image tower alone as `path` (what the cache runs)."""
     S = model.config.image_size
     with torch.no_grad():
-        export_graph(ImageEncoder(model), (torch.zeros(2, 3, S, S),), path, fmt.IMAGE_INPUTS, fmt.IMAGE_OUTPUT, False)
+        export_graph(ImageEncoder(model), (torch.zeros(2, 3, S, S),), path, fmt.IMAGE_INPUTS, fmt.IMAGE_OUTPUT)
 
 
 def export_graphs(model: DualEncoderStudent, directory: Path) -> None:
@@ -120,12 +121,12 @@ def export_graphs(model: DualEncoderStudent, directory: Path) -> None:
     with torch.no_grad():
         export_image_graph(model, directory / fmt.IMAGE_ENCODER)
         text_path = directory / fmt.TEXT_ENCODER
-        export_graph(TextEncoderGraph(model), (ids, mask), text_path, fmt.TEXT_INPUTS, fmt.TEXT_OUTPUT, True)
+        export_graph(TextEncoderGraph(model), (ids, mask), text_path, fmt.TEXT_INPUTS, fmt.TEXT_OUTPUT, fmt.TEXT_INPUTS)
         head_args = (torch.zeros(B, D), torch.zeros(B, D))
         names = fmt.HEAD_INPUTS
         if cfg.task == "reasoning":
             head_args, names = (*head_args, torch.zeros(B, D)), fmt.HEAD_INPUTS_REASONING
-        export_graph(Head(model), head_args, directory / fmt.HEAD, names, fmt.HEAD_OUTPUT, False)
+        export_graph(Head(model), head_args, directory / fmt.HEAD, names, fmt.HEAD_OUTPUT)
     for name in (fmt.IMAGE_ENCODER, fmt.TEXT_ENCODER, fmt.HEAD):
         onnx.checker.check_model(str(directory / name))
     export_search_files(model, directory)
@@ -289,37 +290,71 @@ def check_fp32(stats: dict, what: str) -> None:
         )
 
 
-def fp32_parity(
-    reference: Callable[[Sample], np.ndarray],
-    exported: Callable[[Sample, int], np.ndarray],
-    random_of: Callable[[int, int], Sample],
-    real: Sample | None,
-    max_text_len: int,
-    seed: int,
-    data: str,
-) -> tuple[dict, np.ndarray | None]:
-    """Check exported (sample, batch) -> logits against torch's `reference` on random inputs (random_of(seq_len,
-    seed)) at batch 1, 7 and 64, full and half text length (the dynamic axes), and on `real` (labelled test
-    examples of `data`, None when they could not be loaded). Raises ExportError on the first failure.
+@dataclass(frozen=True)
+class ExportOptions:
+    """dide-export's choices beyond what and where: the precision, and the inputs of the parity checks."""
 
-    Returns (the figures, for parity["fp32"]; the exported logits of `real`, or None).
-    """
-    out: dict = {}
-    for i, (batch, seq_len) in enumerate(
-        ((1, max_text_len), (7, max_text_len), (EVAL_BATCH, max(1, max_text_len // 2)))
-    ):
-        s = random_of(seq_len, seed + i)
-        stats = compare(reference(s), exported(s, batch), None)
-        check_fp32(stats, s.source)
-        out[f"random_b{batch}_l{seq_len}"] = {"source": s.source, "batch": batch, **stats}
-    if real is None:
-        out["real"] = {"skipped": f"data {data!r} could not be loaded"}
-        return out, None
-    got = exported(real, EVAL_BATCH)
-    stats = compare(reference(real), got, real.targets)
-    check_fp32(stats, real.source)
-    out["real"] = {"source": real.source, **stats}
-    return out, got
+    precision: str = "fp32"
+    eval_data: str | None = None  # data spec of the real-input checks; None: the checkpoint's own data
+    eval_size: int = EVAL_SIZE  # examples in the real-input checks
+    seed: int = 0  # of the random-input checks
+
+
+@dataclass
+class ParityCheck:
+    """What an export's graphs are checked on: random inputs of the model's shapes, and `real` (labelled test
+    examples of `data`, None when they could not be loaded)."""
+
+    vocab_size: int
+    image_size: int
+    two_images: bool
+    max_text_len: int
+    real: Sample | None
+    data: str
+    options: ExportOptions
+
+    def random(self, n: int, seq_len: int, seed: int) -> Sample:
+        return random_sample(self.vocab_size, self.image_size, self.two_images, n, seq_len, seed)
+
+    def fp32(
+        self, reference: Callable[[Sample], np.ndarray], exported: Callable[[Sample, int], np.ndarray]
+    ) -> tuple[dict, np.ndarray | None]:
+        """Check exported (sample, batch) -> logits against torch's `reference` on random inputs at batch 1, 7
+        and 64, full and half text length (the dynamic axes), and on `real`. Raises ExportError on the first
+        failure.
+
+        Returns (the figures, for parity["fp32"]; the exported logits of `real`, or None).
+        """
+        L, seed = self.max_text_len, self.options.seed
+        out: dict = {}
+        for i, (batch, seq_len) in enumerate(((1, L), (7, L), (EVAL_BATCH, max(1, L // 2)))):
+            s = self.random(EVAL_BATCH, seq_len, seed + i)
+            stats = compare(reference(s), exported(s, batch), None)
+            check_fp32(stats, s.source)
+            out[f"random_b{batch}_l{seq_len}"] = {"source": s.source, "batch": batch, **stats}
+        if self.real is None:
+            out["real"] = {"skipped": f"data {self.data!r} could not be loaded"}
+            return out, None
+        got = exported(self.real, EVAL_BATCH)
+        stats = compare(reference(self.real), got, self.real.targets)
+        check_fp32(stats, self.real.source)
+        out["real"] = {"source": self.real.source, **stats}
+        return out, got
+
+    def against_fp32(
+        self,
+        fp32: Callable[[Sample], np.ndarray],
+        low: Callable[[Sample], np.ndarray],
+        fp32_real: np.ndarray | None,
+    ) -> tuple[Sample, dict]:
+        """The low-precision graphs' agreement with the fp32 ones (and both accuracies when labelled), recorded,
+        not required: on `real`, whose fp32 logits fp32() returned as `fp32_real`, else on eval_size random inputs.
+
+        Returns (the sample compared on, the figures).
+        """
+        s = self.real or self.random(self.options.eval_size, self.max_text_len, self.options.seed)
+        reference = fp32_real if fp32_real is not None else fp32(s)
+        return s, compare(reference, low(s), s.targets)
 
 
 # --- writing the bundle --------------------------------------------------------------------------------
@@ -336,6 +371,20 @@ def base_manifest(model: DualEncoderStudent, image_spec: ImageSpec, precision: s
         "max_text_len": cfg.max_text_len,
         "image_size": cfg.image_size,
         "precision": precision,
+    }
+
+
+def provenance() -> dict:
+    """Who wrote an export and when (the manifest's or metadata's last fields): library versions and the time."""
+    return {
+        "exporter": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "torch_onnx_exporter": "torchscript",
+            "python": platform.python_version(),
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
@@ -368,27 +417,21 @@ def convert_fp16(directory: Path) -> None:
         onnx.save(model, str(directory / name))
 
 
-def export_bundle(
-    student_dir: str | Path,
-    out: str | Path,
-    *,
-    precision: str = "fp32",
-    eval_data: str | None = None,
-    eval_size: int = EVAL_SIZE,
-    seed: int = 0,
-) -> dict:
+def export_bundle(student_dir: str | Path, out: str | Path, options: ExportOptions) -> dict:
     """Export, check parity, and atomically write the bundle at `out`; returns its manifest.
 
     Raises ExportError (and writes nothing) when the fp32 graphs disagree with torch.
     """
+    precision = options.precision
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     student_dir = Path(student_dir)
     loaded = load_student(student_dir)
     model, cfg = loaded.model.eval(), loaded.model.config
-    two_images = cfg.task == "reasoning"
-    torch.manual_seed(seed)
-    real = real_sample(eval_data or loaded.data, eval_size, cfg.task, loaded.text, loaded.image_spec, loaded.labels)
+    torch.manual_seed(options.seed)
+    spec = options.eval_data or loaded.data
+    real = real_sample(spec, options.eval_size, cfg.task, loaded.text, loaded.image_spec, loaded.labels)
+    check = ParityCheck(cfg.vocab_size, cfg.image_size, cfg.task == "reasoning", cfg.max_text_len, real, spec, options)
     cpu = ["CPUExecutionProvider"]
     manifest: dict = {
         **base_manifest(model, loaded.image_spec, precision),
@@ -399,14 +442,7 @@ def export_bundle(
             fmt.HEAD: precision,
         },
         "source": {"checkpoint": str(student_dir.resolve()), "checkpoint_sha256": loaded.sha256, "data": loaded.data},
-        "exporter": {
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-            "torch_onnx_exporter": "torchscript",
-            "python": platform.python_version(),
-        },
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **provenance(),
     }
 
     def write(tmp: Path) -> None:
@@ -423,25 +459,15 @@ def export_bundle(
         fmt.write_manifest(tmp, {**manifest, "precision": "fp32", "precision_by_file": {}})
         fp32 = Bundle.load(tmp, cpu)
         parity: dict = {"tolerance": PARITY_TOL}
-        parity["fp32"], fp32_real = fp32_parity(
-            lambda s: torch_logits(model, s),
-            lambda s, batch: bundle_logits(fp32, s, batch),
-            lambda seq_len, seed: random_sample(cfg.vocab_size, cfg.image_size, two_images, 64, seq_len, seed),
-            real,
-            cfg.max_text_len,
-            seed,
-            eval_data or loaded.data,
-        )
-        parity["fp32"]["search"] = scan_parity(fp32, seed=seed)  # the scan over cached images vs head.onnx
+        parity["fp32"], fp32_real = check.fp32(lambda s: torch_logits(model, s), partial(bundle_logits, fp32))
+        parity["fp32"]["search"] = scan_parity(fp32, seed=options.seed)  # the scan over cached images vs head.onnx
         check_fp32({**parity["fp32"]["search"], "argmax_agreement": 1.0}, "the search scan")
         log.info("fp32 parity: %s", json.dumps(parity["fp32"]))
         if precision != "fp32":
             (quantize_int8 if precision == "int8" else convert_fp16)(tmp)
             fmt.write_manifest(tmp, {**manifest, "parity": parity})
             low = Bundle.load(tmp, None if precision == "fp16" else cpu)  # fp16 on CUDA when there is one
-            s = real or random_sample(cfg.vocab_size, cfg.image_size, two_images, eval_size, cfg.max_text_len, seed)
-            reference = fp32_real if real is not None else bundle_logits(fp32, s)
-            stats = compare(reference, bundle_logits(low, s), s.targets)
+            s, stats = check.against_fp32(partial(bundle_logits, fp32), partial(bundle_logits, low), fp32_real)
             parity[precision] = {"reference": "fp32 onnx", "source": s.source, "provider": low.provider, **stats}
             if precision == "fp16" and low.provider == "CPUExecutionProvider":
                 parity[precision]["note"] = "measured on the CPU execution provider; the bundle is meant for CUDA"
@@ -472,20 +498,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+    options = ExportOptions(precision, args.eval_data, args.eval_size, args.seed)
     export: Callable[..., dict] = export_bundle
     if args.teacher:
         from export.teacher_export import export_teacher  # one graph, not a bundle
 
         export = export_teacher
     try:
-        manifest = export(
-            args.teacher or args.student,
-            args.out,
-            precision=precision,
-            eval_data=args.eval_data,
-            eval_size=args.eval_size,
-            seed=args.seed,
-        )
+        manifest = export(args.teacher or args.student, args.out, options)
     except (ExportError, ValueError, FileNotFoundError) as e:
         log.error("export failed, nothing written: %s", e)
         return 1

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import tempfile
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +31,13 @@ from torch import Tensor, nn
 from core.atomic import write_file_atomic
 from export.onnx_export import (
     EVAL_BATCH,
-    EVAL_SIZE,
     OPSET,
     PARITY_TOL,
+    ExportOptions,
+    ParityCheck,
     Sample,
-    compare,
-    fp32_parity,
-    random_sample,
+    export_graph,
+    provenance,
     real_sample,
 )
 from training.teacher import Teacher, load_teacher
@@ -98,21 +98,11 @@ def export_teacher_graph(teacher: Teacher, path: Path) -> None:
     ids = torch.randint(5, cfg.vocab_size, (B, L))
     mask = torch.ones(B, L, dtype=torch.long)
     pixels = torch.zeros(B, 2, 3, S, S) if teacher.task == "reasoning" else torch.zeros(B, 3, S, S)
-    text_axes = {0: "batch", 1: "seq"}
-    axes = {"input_ids": text_axes, "attention_mask": text_axes, "pixel_values": {0: "batch"}, OUTPUT: {0: "batch"}}
     with torch.no_grad(), whole_image_patches(teacher.model.vilt.embeddings), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            TeacherGraph(teacher).eval(),
-            (ids, mask, pixels),
-            str(path),
-            input_names=list(INPUTS),
-            output_names=[OUTPUT],
-            opset_version=OPSET,
-            dynamo=False,
-            dynamic_axes=axes,
-        )
+        graph = TeacherGraph(teacher)
+        export_graph(graph, (ids, mask, pixels), path, INPUTS, OUTPUT, seq_inputs=("input_ids", "attention_mask"))
     onnx.checker.check_model(str(path))
 
 
@@ -162,15 +152,7 @@ def read_metadata(path: str | Path) -> dict:
     return json.loads(props[METADATA_KEY])
 
 
-def export_teacher(
-    teacher_dir: str | Path,
-    out: str | Path,
-    *,
-    precision: str = "fp32",
-    eval_data: str | None = None,
-    eval_size: int = EVAL_SIZE,
-    seed: int = 0,
-) -> dict:
+def export_teacher(teacher_dir: str | Path, out: str | Path, options: ExportOptions) -> dict:
     """Export the teacher at `teacher_dir` to the ONNX file `out` (fp32 or dynamic int8), checked against torch.
 
     fp32: max |logit difference| <= PARITY_TOL and the same argmax as torch on random inputs (batch 1, 7,
@@ -178,16 +160,17 @@ def export_teacher(
     agreement with the fp32 graph (and both accuracies when labelled) on the same examples, recorded, not
     required. Raises ExportError (and writes nothing) when the fp32 graph disagrees; returns the metadata.
     """
+    precision = options.precision
     if precision not in ("fp32", "int8"):
         raise ValueError(f"a teacher graph is fp32 or int8, got {precision!r}")
     teacher_dir, out = Path(teacher_dir), Path(out)
     teacher = load_teacher(teacher_dir)
     teacher.model.eval()
-    cfg, two = teacher.config, teacher.task == "reasoning"
-    torch.manual_seed(seed)
-    spec = eval_data or teacher.data
-    real = real_sample(spec, eval_size, teacher.task, teacher.text, teacher.image_spec, teacher.labels)
-    L = teacher.text.max_len
+    cfg, two, L = teacher.config, teacher.task == "reasoning", teacher.text.max_len
+    torch.manual_seed(options.seed)
+    spec = options.eval_data or teacher.data
+    real = real_sample(spec, options.eval_size, teacher.task, teacher.text, teacher.image_spec, teacher.labels)
+    check = ParityCheck(cfg.vocab_size, cfg.image_size, two, L, real, spec, options)
     parity: dict = {"tolerance": PARITY_TOL}
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
@@ -196,24 +179,18 @@ def export_teacher(
         export_teacher_graph(teacher, fp32_path)
         log.info("exported the teacher graph (opset %d) in %.1f s", OPSET, time.perf_counter() - t0)
         fp32 = ort.InferenceSession(str(fp32_path), providers=CPU)
-        parity["fp32"], fp32_real = fp32_parity(
-            lambda s: torch_teacher_logits(teacher, s),
-            lambda s, batch: onnx_teacher_logits(fp32, s, batch),
-            lambda seq_len, seed: random_sample(cfg.vocab_size, cfg.image_size, two, 64, seq_len, seed),
-            real,
-            L,
-            seed,
-            spec,
+        parity["fp32"], fp32_real = check.fp32(
+            partial(torch_teacher_logits, teacher), partial(onnx_teacher_logits, fp32)
         )
         log.info("fp32 parity: %s", json.dumps(parity["fp32"]))
         path = fp32_path
         if precision == "int8":
             path = Path(tmp) / "teacher.int8.onnx"
             quantize_teacher_int8(fp32_path, path)
-            s = real or random_sample(cfg.vocab_size, cfg.image_size, two, eval_size, L, seed)
-            reference = fp32_real if fp32_real is not None else onnx_teacher_logits(fp32, s)
             low = ort.InferenceSession(str(path), providers=CPU)
-            stats = compare(reference, onnx_teacher_logits(low, s), s.targets)
+            s, stats = check.against_fp32(
+                partial(onnx_teacher_logits, fp32), partial(onnx_teacher_logits, low), fp32_real
+            )
             parity["int8"] = {"reference": "fp32 onnx", "source": s.source, **stats}
             log.info("int8 vs fp32: %s", json.dumps(parity["int8"]))
         meta = {
@@ -228,14 +205,7 @@ def export_teacher(
             "inputs": list(INPUTS),
             "parity": parity,
             "source": {"checkpoint": str(teacher_dir.resolve()), "data": teacher.data},
-            "exporter": {
-                "torch": torch.__version__,
-                "onnx": onnx.__version__,
-                "onnxruntime": ort.__version__,
-                "torch_onnx_exporter": "torchscript",
-                "python": platform.python_version(),
-            },
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **provenance(),
         }
         model = onnx.load(str(path))
         onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps(meta)})

@@ -64,14 +64,14 @@ def tiny_bundle_factory(
 
     The vqa bundle's parity is checked on 1,000 easy-VQA test questions; the others on 64 examples.
     """
-    from export.onnx_export import export_bundle
+    from export.onnx_export import ExportOptions, export_bundle
 
     made: dict[str, Path] = {}
 
     def get(task: str) -> Path:
         if task not in made:
             out = tmp_path_factory.mktemp(f"bundle-{task}") / "bundle"
-            export_bundle(tiny_student_factory(task), out, eval_size=1000 if task == "vqa" else 64)
+            export_bundle(tiny_student_factory(task), out, ExportOptions(eval_size=1000 if task == "vqa" else 64))
             made[task] = out
         return made[task]
 

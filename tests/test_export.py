@@ -113,7 +113,7 @@ def test_export_replaces_a_bundle_atomically(tiny_student_dir: Path, tiny_bundle
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "stale.txt").write_text("from an older export")
-    onnx_export.export_bundle(tiny_student_dir, out, eval_size=8)
+    onnx_export.export_bundle(tiny_student_dir, out, onnx_export.ExportOptions(eval_size=8))
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
     assert oct(out.stat().st_mode & 0o777) == oct(0o755)

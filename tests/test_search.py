@@ -56,7 +56,7 @@ def bundles(tiny_bundle_factory: Callable[[str], Path], tmp_path_factory: pytest
     import torch
 
     from core.preprocess import ImageSpec
-    from export.onnx_export import export_bundle
+    from export.onnx_export import ExportOptions, export_bundle
     from tests.conftest import EASY_VQA_SENTENCES
     from training.scene_language import VQA_LABELS
     from training.student import DualEncoderStudent, save_student, tiny_config
@@ -69,7 +69,7 @@ def bundles(tiny_bundle_factory: Callable[[str], Path], tmp_path_factory: pytest
     model = DualEncoderStudent(tiny_config("vqa", len(VQA_LABELS), tokenizer.get_vocab_size())).eval()
     save_student(model, work / "student", labels=VQA_LABELS, tokenizer=tokenizer, image_spec=ImageSpec(size=32),
                  data="scenes:train=4,test=32,seed=0")  # fmt: skip
-    export_bundle(work / "student", work / "bundle", eval_size=32)
+    export_bundle(work / "student", work / "bundle", ExportOptions(eval_size=32))
     return {"vqa": work / "bundle", **{t: tiny_bundle_factory(t) for t in ("entailment", "reasoning")}}
 
 
