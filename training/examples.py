@@ -24,37 +24,41 @@ class GridLabels:
         return cls(tuple(map(tuple, cells)), tuple(map(tuple, named)))
 
 
+@dataclass(frozen=True, kw_only=True)
+class LabelledExample:
+    """What an example of a labelled task may carry beside its inputs and label, given by keyword."""
+
+    grid: GridLabels | None = None  # synthetic scenes only
+    kind: str = (
+        ""  # the question or statement type, for accuracy by type (scenes: the template; easy-VQA: the answer type)
+    )
+
+
 @dataclass(frozen=True)
-class VQAExample:
+class VQAExample(LabelledExample):
     """One question about one image; `answers` maps answer -> soft score in [0, 1]."""
 
     image: Path
     question: str
     answers: dict[str, float]
-    grid: GridLabels | None = None
-    kind: str = ""  # the question type, for accuracy by type (scenes: the template; easy-VQA: the answer type)
 
 
 @dataclass(frozen=True)
-class EntailmentExample:
+class EntailmentExample(LabelledExample):
     """An image premise and a text hypothesis; `label` is one of ENTAILMENT_LABELS."""
 
     image: Path
     hypothesis: str
     label: str
-    grid: GridLabels | None = None
-    kind: str = ""  # the statement type (scenes: the template)
 
 
 @dataclass(frozen=True)
-class ReasoningExample:
+class ReasoningExample(LabelledExample):
     """Two images and one statement about them (NLVR2 style); `label` is whether it is true."""
 
     images: tuple[Path, Path]
     statement: str
     label: bool
-    grid: GridLabels | None = None
-    kind: str = ""  # the statement type (scenes: the template)
 
 
 @dataclass(frozen=True)

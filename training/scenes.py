@@ -116,16 +116,22 @@ def _read_split(directory: Path, task: str, split: str) -> list:
             grid = GridLabels.of(r["cells"], r["named"]) if "cells" in r else None
             if task == "vqa":
                 kind = VQA_QUESTIONS[r["question"]][0]
-                examples.append(VQAExample(directory / r["image"], r["question"], {r["answer"]: 1.0}, grid, kind))
+                examples.append(
+                    VQAExample(directory / r["image"], r["question"], {r["answer"]: 1.0}, grid=grid, kind=kind)
+                )
             elif task == "entailment":
                 kind = ENTAILMENT_STATEMENTS[r["hypothesis"]][0]
-                examples.append(EntailmentExample(directory / r["image"], r["hypothesis"], r["label"], grid, kind))
+                examples.append(
+                    EntailmentExample(directory / r["image"], r["hypothesis"], r["label"], grid=grid, kind=kind)
+                )
             elif task == "itm":
                 examples.append(PairExample(directory / r["image"], r["caption"], tuple(r["negatives"])))
             else:
                 left, right = (directory / p for p in r["images"])
                 kind = REASONING_STATEMENTS[r["statement"]][0]
-                examples.append(ReasoningExample((left, right), r["statement"], r["label"] == "True", grid, kind))
+                examples.append(
+                    ReasoningExample((left, right), r["statement"], r["label"] == "True", grid=grid, kind=kind)
+                )
     return examples
 
 
