@@ -8,6 +8,7 @@ import re
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -57,6 +58,10 @@ def check_text(value: str, info: ValidationInfo) -> str:
     return value
 
 
+# A request's free text: non-blank (also in the schema), within the configured length, valid Unicode.
+Text = Annotated[str, Field(min_length=1, pattern=r"\S"), AfterValidator(check_text)]
+
+
 def _no_default(schema: dict[str, Any]) -> None:
     """Drop `"default": null` from an optional field's schema: null is not an accepted value."""
     schema.pop("default", None)
@@ -92,6 +97,11 @@ def _upload(info: ValidationInfo) -> bytes | None:
 def _one_image(*examples: dict[str, Any]) -> dict[str, Any]:
     """JSON Schema for 'exactly one of image_id and image', plus the model's examples."""
     return {"oneOf": [{"required": ["image_id"]}, {"required": ["image"]}], "examples": list(examples)}
+
+
+def _examples(*examples: dict[str, Any]) -> ConfigDict:
+    """A model's config showing these bodies as its OpenAPI examples."""
+    return ConfigDict(json_schema_extra={"examples": list(examples)})
 
 
 class StrictModel(BaseModel):
@@ -147,10 +157,8 @@ class VQARequest(OneImage):
             {"image": EXAMPLE_PNG_B64, "question": "what shape is in the image?"},
         )
     )
-    question: str = Field(min_length=1, pattern=r"\S", description="The question, in plain text.")
+    question: Text = Field(description="The question, in plain text.")
     top_k: int = Field(5, ge=1, le=TOP_K_MAX, description="How many ranked answers to return.")
-
-    _text = field_validator("question")(check_text)
 
 
 class EntailmentRequest(OneImage):
@@ -162,30 +170,22 @@ class EntailmentRequest(OneImage):
             {"image": EXAMPLE_PNG_B64, "hypothesis": "the image shows two triangles"},
         )
     )
-    hypothesis: str = Field(min_length=1, pattern=r"\S", description="The hypothesis, in plain text.")
-
-    _text = field_validator("hypothesis")(check_text)
+    hypothesis: Text = Field(description="The hypothesis, in plain text.")
 
 
 class ReasoningRequest(StrictModel):
     """Is the statement true of the pair of images (NLVR2 style)?"""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "images": [{"image_id": "left_001"}, {"image": EXAMPLE_PNG_B64}],
-                    "statement": "there are more circles in the left image than in the right image",
-                }
-            ]
+    model_config = _examples(
+        {
+            "images": [{"image_id": "left_001"}, {"image": EXAMPLE_PNG_B64}],
+            "statement": "there are more circles in the left image than in the right image",
         }
     )
     images: list[ImageRef] = Field(
         min_length=2, max_length=2, description="[left, right], each {'image_id': ...} or {'image': base64}."
     )
-    statement: str = Field(min_length=1, pattern=r"\S", description="The statement, in plain text.")
-
-    _text = field_validator("statement")(check_text)
+    statement: Text = Field(description="The statement, in plain text.")
 
 
 class ImageUploadRequest(StrictModel):
@@ -253,18 +253,12 @@ class SearchFilters(StrictModel):
 class VQASearchRequest(SearchFilters):
     """Which cached images would the model answer this question about with this answer?"""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"question": "is there a red circle in the image?", "answer": "yes", "k": 5},
-                {"question": "what shape is in the image?", "answer": "triangle", "k": 3, "prefix": "10"},
-            ]
-        }
+    model_config = _examples(
+        {"question": "is there a red circle in the image?", "answer": "yes", "k": 5},
+        {"question": "what shape is in the image?", "answer": "triangle", "k": 3, "prefix": "10"},
     )
-    question: str = Field(min_length=1, pattern=r"\S", description="The question, in plain text.")
+    question: Text = Field(description="The question, in plain text.")
     answer: str = Field(min_length=1, max_length=IMAGE_ID_MAX, description="The wanted answer (one of the model's).")
-
-    _text = field_validator("question")(check_text)
 
     def query(self) -> tuple[str, str, dict[str, Any]]:
         return self.question, self.answer, {}
@@ -273,18 +267,12 @@ class VQASearchRequest(SearchFilters):
 class EntailmentSearchRequest(SearchFilters):
     """Which cached images entail (contradict, leave open) this hypothesis?"""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"hypothesis": "there is a red circle to the left of a square", "label": "entailment", "k": 5},
-                {"hypothesis": "there are two blue triangles", "label": "contradiction", "ids": ["0", "1", "2"]},
-            ]
-        }
+    model_config = _examples(
+        {"hypothesis": "there is a red circle to the left of a square", "label": "entailment", "k": 5},
+        {"hypothesis": "there are two blue triangles", "label": "contradiction", "ids": ["0", "1", "2"]},
     )
-    hypothesis: str = Field(min_length=1, pattern=r"\S", description="The hypothesis, in plain text.")
+    hypothesis: Text = Field(description="The hypothesis, in plain text.")
     label: str = Field("entailment", min_length=1, max_length=64, description="The wanted label.")
-
-    _text = field_validator("hypothesis")(check_text)
 
     def query(self) -> tuple[str, str, dict[str, Any]]:
         return self.hypothesis, self.label, {}
@@ -293,27 +281,21 @@ class EntailmentSearchRequest(SearchFilters):
 class ReasoningSearchRequest(SearchFilters):
     """Which cached images, paired with the given image, make the statement true (or false)?"""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "statement": "both images contain a circle",
-                    "pair": {"image_id": "3"},
-                    "side": "left",
-                    "verdict": True,
-                    "k": 5,
-                }
-            ]
+    model_config = _examples(
+        {
+            "statement": "both images contain a circle",
+            "pair": {"image_id": "3"},
+            "side": "left",
+            "verdict": True,
+            "k": 5,
         }
     )
-    statement: str = Field(min_length=1, pattern=r"\S", description="The statement, in plain text.")
+    statement: Text = Field(description="The statement, in plain text.")
     pair: ImageRef = Field(description="The given image, {'image_id': ...} or {'image': base64}.")
     side: Literal["left", "right"] = Field(
         "left", description="Where the given image goes; each cached image takes the other side."
     )
     verdict: bool = Field(True, description="The wanted verdict: true (the statement holds) or false.")
-
-    _text = field_validator("statement")(check_text)
 
     def query(self) -> tuple[str, str, dict[str, Any]]:
         return self.statement, "true" if self.verdict else "false", {"pair": self.pair.ref(), "side": self.side}
@@ -326,18 +308,14 @@ class SearchHit(BaseModel):
 
 
 class SearchResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "results": [{"image_id": EXAMPLE_SHA, "names": ["42"], "score": 0.97}],
-                    "wanted": "yes",
-                    "scanned": 1000,
-                    "collection": 1000,
-                    "unknown_ids": [],
-                    "model_id": "a1b2c3d4e5f60718",
-                }
-            ]
+    model_config = _examples(
+        {
+            "results": [{"image_id": EXAMPLE_SHA, "names": ["42"], "score": 0.97}],
+            "wanted": "yes",
+            "scanned": 1000,
+            "collection": 1000,
+            "unknown_ids": [],
+            "model_id": "a1b2c3d4e5f60718",
         }
     )
     results: list[SearchHit] = Field(description="The k best images, best first (ties: the earlier cached first).")
@@ -354,16 +332,12 @@ class Answer(BaseModel):
 
 
 class VQAResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "answers": [{"answer": "red", "score": 0.97}, {"answer": "blue", "score": 0.02}],
-                    "image_id": EXAMPLE_SHA,
-                    "cached": True,
-                    "model_id": "a1b2c3d4e5f60718",
-                }
-            ]
+    model_config = _examples(
+        {
+            "answers": [{"answer": "red", "score": 0.97}, {"answer": "blue", "score": 0.02}],
+            "image_id": EXAMPLE_SHA,
+            "cached": True,
+            "model_id": "a1b2c3d4e5f60718",
         }
     )
     answers: list[Answer] = Field(description="The top_k answers, best first.")
@@ -373,17 +347,13 @@ class VQAResponse(BaseModel):
 
 
 class EntailmentResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "label": "entailment",
-                    "scores": {"entailment": 0.91, "neutral": 0.06, "contradiction": 0.03},
-                    "image_id": EXAMPLE_SHA,
-                    "cached": False,
-                    "model_id": "a1b2c3d4e5f60718",
-                }
-            ]
+    model_config = _examples(
+        {
+            "label": "entailment",
+            "scores": {"entailment": 0.91, "neutral": 0.06, "contradiction": 0.03},
+            "image_id": EXAMPLE_SHA,
+            "cached": False,
+            "model_id": "a1b2c3d4e5f60718",
         }
     )
     label: str = Field(description="The most probable label.")
@@ -394,17 +364,13 @@ class EntailmentResponse(BaseModel):
 
 
 class ReasoningResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "label": True,
-                    "score": 0.88,
-                    "image_ids": [EXAMPLE_SHA, EXAMPLE_SHA],
-                    "cached": [True, False],
-                    "model_id": "a1b2c3d4e5f60718",
-                }
-            ]
+    model_config = _examples(
+        {
+            "label": True,
+            "score": 0.88,
+            "image_ids": [EXAMPLE_SHA, EXAMPLE_SHA],
+            "cached": [True, False],
+            "model_id": "a1b2c3d4e5f60718",
         }
     )
     label: bool = Field(description="Whether the statement is judged true of the pair.")
@@ -415,19 +381,15 @@ class ReasoningResponse(BaseModel):
 
 
 class ImageUploadResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"image_id": EXAMPLE_SHA, "cached": False, "model_ids": ["a1b2c3d4e5f60718"]}]}
-    )
+    model_config = _examples({"image_id": EXAMPLE_SHA, "cached": False, "model_ids": ["a1b2c3d4e5f60718"]})
     image_id: str = Field(description="The sha256 of the image bytes: use it as image_id in later requests.")
     cached: bool = Field(description="Whether every model already had the image before this upload.")
     model_ids: list[str] = Field(description="The models whose store now holds the image.")
 
 
 class ImageStatus(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"image_id": EXAMPLE_SHA, "cached": True, "model_ids": ["a1b2c3d4e5f60718"], "tasks": ["vqa"]}]
-        }
+    model_config = _examples(
+        {"image_id": EXAMPLE_SHA, "cached": True, "model_ids": ["a1b2c3d4e5f60718"], "tasks": ["vqa"]}
     )
     image_id: str = Field(description="The image's sha256.")
     cached: bool = Field(description="Whether at least one loaded model has the image's embedding.")
@@ -443,23 +405,19 @@ class ModelInfo(BaseModel):
 
 
 class ReadyResponse(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "status": "ready",
+    model_config = _examples(
+        {
+            "status": "ready",
+            "provider": "CPUExecutionProvider",
+            "models": {
+                "vqa": {
+                    "model_id": "a1b2c3d4e5f60718",
                     "provider": "CPUExecutionProvider",
-                    "models": {
-                        "vqa": {
-                            "model_id": "a1b2c3d4e5f60718",
-                            "provider": "CPUExecutionProvider",
-                            "labels": 13,
-                            "dim": 128,
-                        }
-                    },
-                    "batching": True,
+                    "labels": 13,
+                    "dim": 128,
                 }
-            ]
+            },
+            "batching": True,
         }
     )
     status: str
@@ -469,15 +427,13 @@ class ReadyResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+    model_config = _examples({"status": "ok"})
     status: str
 
 
 class ErrorResponse(BaseModel):
     """Every error: a machine-readable code and a human message."""
 
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"code": "image_not_found", "message": "no image 'cat-7' in the store"}]}
-    )
+    model_config = _examples({"code": "image_not_found", "message": "no image 'cat-7' in the store"})
     code: str
     message: str
