@@ -70,16 +70,25 @@ class Variant:
     trimmed: bool = False  # fed the question's own tokens, not the padded length
 
 
+@dataclass
+class Setup:
+    """What every variant of one model size answers with: its models, the request, and the exported graphs."""
+
+    models: Models
+    request: Request
+    loaded: dict[tuple[str, str], Bundle]  # (student kind "deep" | "shallow", precision) -> bundle
+    teachers: dict[str, ort.InferenceSession]  # precision -> the teacher as one ONNX graph
+
+
 def teacher_reference(v: Variant, found: list[Variant]) -> Variant | None:
     """The teacher variant `v` is compared with: same runtime and precision, same text length."""
     same = [u for u in found if u.model == "teacher" and (u.runtime, u.trimmed) == (v.runtime, v.trimmed)]
     return same[0] if same else None
 
 
-def teacher_variants(
-    models: Models, request: Request, batch: int, sessions: dict[str, ort.InferenceSession]
-) -> list[Variant]:
+def teacher_variants(setup: Setup, batch: int) -> list[Variant]:
     """The fusion teacher in torch (padded text) and as one ONNX graph per precision (padded and trimmed)."""
+    models, request = setup.models, setup.request
     ids, mask, pixels = request.batch(batch)
     t_ids, t_mask, t_pixels = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pixels)
     teacher, cfg, n = models.teacher, models.teacher.config, request.tokens
@@ -100,7 +109,7 @@ def teacher_variants(
 
     for trimmed in (False, True):
         tokens = n if trimmed else ids.shape[1]
-        for precision, session in sessions.items():
+        for precision, session in setup.teachers.items():
             name = f"teacher fusion, onnxruntime {precision}" + (TRIMMED if trimmed else "")
             flops = teacher_flops(cfg, tokens, batch)
             runtime = f"onnxruntime {precision}"
@@ -108,14 +117,9 @@ def teacher_variants(
     return out
 
 
-def variants(
-    models: Models,
-    request: Request,
-    batch: int,
-    loaded: dict[tuple[str, str], Bundle],
-    teachers: dict[str, ort.InferenceSession],
-) -> list[Variant]:
+def variants(setup: Setup, batch: int) -> list[Variant]:
     """Every variant's closure over the same request at `batch`, with its FLOPs per call."""
+    models, request, loaded = setup.models, setup.request, setup.loaded
     ids, mask, pixels = request.batch(batch)
     t_ids, t_mask, t_pixels = torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(pixels)
     deep, shallow = models.student, models.shallow
@@ -123,7 +127,7 @@ def variants(
     with torch.inference_mode():
         t_image = deep.encode_image(t_pixels)  # both students share the teacher's image tower
     text_flops, head_f = text_tower_flops(cfg, batch), head_flops(cfg, batch)
-    out = teacher_variants(models, request, batch, teachers)
+    out = teacher_variants(setup, batch)
 
     def torch_cached(model) -> Callable[[], np.ndarray]:
         return lambda: model.head(model.encode_text(t_ids, t_mask), t_image).numpy()
@@ -203,15 +207,9 @@ def warm_up(found: list[Variant]) -> tuple[dict[str, float], dict[str, float]]:
     return seconds, diffs
 
 
-def measure_group(
-    models: Models,
-    request: Request,
-    batch: int,
-    loaded: dict[tuple[str, str], Bundle],
-    teachers: dict[str, ort.InferenceSession],
-    args: argparse.Namespace,
-) -> dict:
-    found = variants(models, request, batch, loaded, teachers)
+def measure_group(setup: Setup, batch: int, args: argparse.Namespace) -> dict:
+    models = setup.models
+    found = variants(setup, batch)
     limit = args.max_gflop if args.max_gflop is not None else QUICK_MAX_GFLOP if args.quick else None
     skipped = [v for v in found if limit is not None and v.flops / 1e9 > limit]
     found = [v for v in found if v not in skipped]
@@ -360,9 +358,10 @@ def main(argv: list[str] | None = None) -> int:
                 precision: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                 for precision, path in teacher_graphs(models, work).items()
             }
+            setup = Setup(models, request, loaded, teachers)
             for batch in args.batches:
-                groups.append(measure_group(models, request, batch, loaded, teachers, args))
-            del models, loaded, teachers
+                groups.append(measure_group(setup, batch, args))
+            del models, loaded, teachers, setup
     report = {
         **header("latency", argv, quick=args.quick, threads=args.threads, provider="CPUExecutionProvider"),
         "request": request_info,
