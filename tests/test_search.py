@@ -310,3 +310,45 @@ def test_the_benchmark_runs_end_to_end_at_a_tiny_size(tmp_path: Path) -> None:
     rows = report["sizes"]["tiny"]["rows"]
     assert [r["images"] for r in rows] == [1000, 3000] and all(r["teacher_over_search"] > 0 for r in rows)
     assert (tmp_path / "search.md").read_text().count("| tiny |") == 2 and (tmp_path / "search.png").is_file()
+
+
+def test_search_with_the_shipped_vqa_student_is_right_at_its_accuracy(
+    scenes: tuple[Path, list], tmp_path: Path, record_property: Callable
+) -> None:
+    """With a trained model (the demo's shipped scenes-VQA student), the top k of a search for an answer are
+    right about as often as the model is when it gives that answer (its precision for it over the whole
+    collection), and far more often than a random pick."""
+    from service.shipped import MODELS_DIR, read_models
+    from training.scene_language import VQA_QUESTIONS
+
+    models = read_models(MODELS_DIR)
+    if models["scale"] != "full":
+        pytest.skip("service/demo_models holds a --scale small rebuild, not trained models")
+    bundle = MODELS_DIR / "vqa"
+    assert cache_main(["build", "--bundle", str(bundle), "--images", str(scenes[0]), "--store", str(tmp_path)]) == 0
+    settings = Settings(bundles=[bundle], store=tmp_path, batch_wait_ms=0, store_refresh_s=0)
+    ids, k, report = [f"s{i:03d}" for i in range(N_SCENES)], 10, {}
+    questions = [("how many red shapes are there?", "1"), ("how many circles are there?", "2"),
+                 ("how many blue shapes are there?", "0"), ("what color is the circle?", "red")]  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        for question, wanted in questions:
+            truth = {i: VQA_QUESTIONS[question][1](scenes[1][int(i[1:])]) for i in ids}
+            known = [i for i in ids if truth[i] is not None]
+            per_image = per_image_vqa(client, question, known)
+            answers = {i: max(per_image[i], key=per_image[i].get) for i in known}
+            r = client.post("/search/vqa", json={"question": question, "answer": wanted, "k": k, "ids": known})
+            assert r.status_code == 200, r.text
+            top = names(r.json())
+            said = [i for i in known if answers[i] == wanted]  # the images /vqa answers `wanted` for
+            report[question] = {
+                "precision_at_k": sum(truth[i] == wanted for i in top) / k,
+                "model_precision": sum(truth[i] == wanted for i in said) / max(len(said), 1),
+                "model_accuracy": sum(answers[i] == truth[i] for i in known) / len(known),
+                "base_rate": sum(truth[i] == wanted for i in known) / len(known),
+            }
+    record_property("shipped_search_precision_at_10", json.dumps(report))
+    print(json.dumps(report, indent=1))
+    for question, r in report.items():
+        # The model's own precision for that answer, within sampling error of k = 10 images (two misses).
+        assert r["precision_at_k"] >= r["model_precision"] - 0.2, (question, r)
+        assert r["precision_at_k"] > r["base_rate"], (question, r)  # better than picking images at random
