@@ -12,15 +12,9 @@ from pydantic.json_schema import models_json_schema
 
 from service.schemas import (
     IMAGE_ID_MAX,
+    REQUEST_MODELS,
     TOP_K_MAX,
-    EntailmentRequest,
-    EntailmentSearchRequest,
     ErrorResponse,
-    ImageUploadRequest,
-    ReasoningRequest,
-    ReasoningSearchRequest,
-    VQARequest,
-    VQASearchRequest,
 )
 from service.settings import Settings
 
@@ -103,18 +97,7 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            models: list[tuple[type[BaseModel], Literal["validation"]]] = [
-                (m, "validation")
-                for m in (
-                    VQARequest,
-                    EntailmentRequest,
-                    ReasoningRequest,
-                    ImageUploadRequest,
-                    VQASearchRequest,
-                    EntailmentSearchRequest,
-                    ReasoningSearchRequest,
-                )
-            ]
+            models: list[tuple[type[BaseModel], Literal["validation"]]] = [(m, "validation") for m in REQUEST_MODELS]
             _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(defs.get("$defs", {}))

@@ -437,3 +437,15 @@ class ErrorResponse(BaseModel):
     model_config = _examples({"code": "image_not_found", "message": "no image 'cat-7' in the store"})
     code: str
     message: str
+
+
+# Every request body the routes parse by hand (FastAPI does not see them): the OpenAPI document adds them.
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (
+    VQARequest,
+    EntailmentRequest,
+    ReasoningRequest,
+    ImageUploadRequest,
+    VQASearchRequest,
+    EntailmentSearchRequest,
+    ReasoningSearchRequest,
+)

@@ -935,24 +935,8 @@ def test_openapi_documents_every_endpoint_with_examples(make_settings: Callable[
     assert schemas["ReasoningSearchRequest"]["properties"]["statement"]["maxLength"] == 77
     assert schemas["VQARequest"]["oneOf"] == [{"required": ["image_id"]}, {"required": ["image"]}]
     # The documented examples are accepted as they are (shape-wise; their ids are not in this store).
-    from service.schemas import (
-        EntailmentRequest,
-        EntailmentSearchRequest,
-        ImageUploadRequest,
-        ReasoningRequest,
-        ReasoningSearchRequest,
-        VQARequest,
-        VQASearchRequest,
-    )
+    from service.schemas import REQUEST_MODELS
 
-    for model in (
-        VQARequest,
-        EntailmentRequest,
-        ReasoningRequest,
-        ImageUploadRequest,
-        VQASearchRequest,
-        EntailmentSearchRequest,
-        ReasoningSearchRequest,
-    ):
+    for model in REQUEST_MODELS:
         for example in model.model_json_schema()["examples"]:
             model.model_validate_json(json.dumps(example))
