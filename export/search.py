@@ -6,6 +6,11 @@ tower runs once, `SearchHead.query` computes the text's part (and, for reasoning
 of the classifier), and `scan` runs the rest of the head (`scan.onnx`: add, LayerNorm, GELU, second fusion
 layer, classifier, only the head rows the wanted answer needs) over the rows in blocks, keeping the top k.
 Per image that is 8 D^2 + 4 D R multiply-add FLOPs (R head rows) against the whole head's 12 D^2 + 4 D R.
+
+A "product" fusion ([t; v; t*v], training/student.py) is still linear in v for a given t:
+W1_v v + W1_p (t*v) = (W1_v + W1_p diag(t)) v. Its image parts are then the cached vectors themselves (D
+floats a row, not 2D), and each query brings its matrix (W1_v + W1_p diag(t)), applied block by block
+before the scan graph: 4 D^2 more FLOPs per image.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class Query:
     kind: str  # "sigmoid": the one logit's sigmoid; "softmax": softmax over the rows, column `column`
     column: int
     negate: bool = False  # reasoning with one logit and the wanted label false: 1 - sigmoid
+    image_matrix: np.ndarray | None = None  # product fusion: (D, 2D) taking a cached vector to its image part
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
         """Logits (B, R) -> the wanted answer's probability (B,), float64, as the per-image endpoints compute it."""
@@ -103,7 +109,10 @@ class SearchHead:
         a = fusion
         f32 = np.float32
         self._w1_text = np.ascontiguousarray(a["fusion_w1"][:, :D], f32)  # (2D, D)
-        self._w1_image_t = np.ascontiguousarray(a["fusion_w1"][:, D:].T, f32)  # (D, 2D)
+        self._w1_image_t = np.ascontiguousarray(a["fusion_w1"][:, D : 2 * D].T, f32)  # (D, 2D)
+        # Product fusion: the first layer's block over t*v, transposed (D, 2D); None for the paper's concat.
+        product = a["fusion_w1"].shape[1] == 3 * D
+        self._w1_product_t = np.ascontiguousarray(a["fusion_w1"][:, 2 * D :].T, f32) if product else None
         self._a = a
         self._fixed = {
             "ln1_w": a["fusion_ln_w"],
@@ -140,13 +149,16 @@ class SearchHead:
     # --- per image, once ----------------------------------------------------------------------------------
 
     def image_parts(self, vectors: np.ndarray) -> np.ndarray:
-        """Image embeddings (B, D) -> their share of the first fusion layer, W1_v v (B, 2D) float32."""
+        """Image embeddings (B, D) -> their share of the first fusion layer, W1_v v (B, 2D) float32; with a
+        product fusion, whose share depends on the query, the embeddings themselves (B, D)."""
+        if self._w1_product_t is not None:
+            return np.asarray(vectors, np.float32)
         return np.asarray(vectors, np.float32) @ self._w1_image_t
 
     @property
     def part_bytes(self) -> int:
-        """Memory per cached image of its precomputed part: 2D float32."""
-        return 2 * self.dim * 4
+        """Memory per cached image of its precomputed part: 2D float32 (product fusion: D)."""
+        return (1 if self._w1_product_t is not None else 2) * self.dim * 4
 
     # --- per query, once ----------------------------------------------------------------------------------
 
@@ -177,12 +189,16 @@ class SearchHead:
             "w4": np.ascontiguousarray(a["cls_w2"][rows].T, f32),  # (2D, R)
             "b4": np.ascontiguousarray(a["cls_b2"][rows], f32),
         }
-        return Query(feeds, kind, column, negate)
+        matrix = None
+        if self._w1_product_t is not None:  # W1_v v + W1_p (t*v) = v (W1_v^T + diag(t) W1_p^T)
+            matrix = np.ascontiguousarray(self._w1_image_t + text[:, None] * self._w1_product_t, f32)
+        return Query(feeds, kind, column, negate, matrix)
 
     def _fused(self, text: np.ndarray, image: np.ndarray) -> np.ndarray:
         """The fusion MLP over one [text; image] pair, float64 (the given image of a reasoning search)."""
         a = self._a
-        x = a["fusion_w1"].astype(np.float64) @ np.concatenate([text, image]).astype(np.float64) + a["fusion_b1"]
+        inputs = [text, image] + ([text * image] if self._w1_product_t is not None else [])
+        x = a["fusion_w1"].astype(np.float64) @ np.concatenate(inputs).astype(np.float64) + a["fusion_b1"]
         h = _gelu(_layer_norm(x, a["fusion_ln_w"], a["fusion_ln_b"], float(a["fusion_ln_eps"])))
         return a["fusion_w2"].astype(np.float64) @ h + a["fusion_b2"]
 
@@ -212,12 +228,16 @@ class SearchHead:
     # --- per block of images -----------------------------------------------------------------------------
 
     def logits(self, image_part: np.ndarray, query: Query) -> np.ndarray:
-        """Image parts (B, 2D) -> the logits (B, R) of the query's head rows."""
+        """Image parts (B, 2D; product fusion: the cached vectors, B x D) -> the logits (B, R) of the query's
+        head rows."""
+        if query.image_matrix is not None:
+            image_part = image_part @ query.image_matrix
         return self._session.run([SCAN_OUTPUT], {"image_part": image_part, **query.feeds})[0]
 
 
 class ImageParts:
-    """W1_v v for every row of one store, in memory (rows x 2D x 4 bytes), computed once and caught up as the
+    """W1_v v for every row of one store, in memory (rows x 2D x 4 bytes; product fusion: the vectors, rows x
+    D x 4), computed once and caught up as the
     store grows. Reads the store's memory-mapped vectors a chunk at a time: they are never copied whole."""
 
     def __init__(self, head: SearchHead) -> None:

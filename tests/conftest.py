@@ -20,8 +20,10 @@ EASY_VQA_SENTENCES = [
 ]
 
 
-def make_tiny_student(directory: Path, task: str, seed: int = 0) -> Path:
+def make_tiny_student(directory: Path, task: str, seed: int = 0, fusion: str = "concat") -> Path:
     """Save a tiny random student for `task` (D=32, 2 layers, 32x32 images) with a small WordPiece tokenizer."""
+    from dataclasses import replace
+
     import torch
 
     from core.preprocess import ImageSpec
@@ -38,8 +40,8 @@ def make_tiny_student(directory: Path, task: str, seed: int = 0) -> Path:
         data = "scenes:train=4,test=32,seed=0"  # a few rendered scenes: cheap real inputs
     tokenizer = train_wordpiece(EASY_VQA_SENTENCES, vocab_size=200)
     torch.manual_seed(seed)
-    model = DualEncoderStudent(tiny_config(task, len(labels), tokenizer.get_vocab_size())).eval()
-    save_student(model, directory, labels=labels, tokenizer=tokenizer, image_spec=ImageSpec(size=32), data=data)
+    model = DualEncoderStudent(replace(tiny_config(task, len(labels), tokenizer.get_vocab_size()), fusion=fusion))
+    save_student(model.eval(), directory, labels=labels, tokenizer=tokenizer, image_spec=ImageSpec(size=32), data=data)
     return directory
 
 

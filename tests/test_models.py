@@ -1,5 +1,8 @@
 """The student's serving split, its checkpoints, and its initialisation from a ViLT teacher."""
 
+from dataclasses import replace
+
+import pytest
 import torch
 from tokenizers import Tokenizer
 from transformers import ViltConfig, ViltForQuestionAnswering
@@ -18,8 +21,8 @@ def tokenizer() -> Tokenizer:
 
 def test_student_split_equals_forward_and_exposes_qk():
     torch.manual_seed(0)
-    for task, n_labels in (("vqa", 5), ("reasoning", 2)):
-        m = DualEncoderStudent(tiny_config(task, n_labels, vocab_size=50)).eval()
+    for task, n_labels, fusion in (("vqa", 5, "concat"), ("reasoning", 2, "concat"), ("reasoning", 2, "product")):
+        m = DualEncoderStudent(replace(tiny_config(task, n_labels, vocab_size=50), fusion=fusion)).eval()
         ids = torch.randint(5, 50, (3, 16))
         mask = torch.ones(3, 16, dtype=torch.long)
         mask[0, 6:] = 0
@@ -36,6 +39,22 @@ def test_student_split_equals_forward_and_exposes_qk():
         assert m.image_tower(px).query is None  # q/k only when asked
         img = m.image_tower(px, keep_qk=True)
         assert img.key.shape == (3, 2, 1 + 16, 16)
+
+
+def test_product_fusion_sees_the_elementwise_product_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    tok = tokenizer()
+    cfg = replace(tiny_config("entailment", 3, tok.get_vocab_size()), fusion="product")
+    m = DualEncoderStudent(cfg).eval()
+    assert m.fusion[0].in_features == 3 * cfg.hidden_size
+    t, v = torch.randn(2, cfg.hidden_size), torch.randn(2, cfg.hidden_size)
+    torch.testing.assert_close(m.fuse(t, v), m.fusion(torch.cat([t, v, t * v], -1)))
+    save_student(m, tmp_path / "s", labels=["a", "b", "c"], tokenizer=tok, image_spec=ImageSpec(32), data="scenes")
+    loaded = load_student(tmp_path / "s")
+    assert loaded.model.config.fusion == "product"
+    torch.testing.assert_close(loaded.model.head(t, v), m.head(t, v))
+    with pytest.raises(ValueError, match="fusion must be one of concat, product"):
+        DualEncoderStudent(replace(cfg, fusion="sum"))
 
 
 def test_padding_does_not_change_the_text_embedding():

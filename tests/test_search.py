@@ -257,6 +257,23 @@ def test_scan_over_chunks_and_filters_equals_the_head(bundles: dict[str, Path], 
     assert scanned == 6 and set(rows) <= set(subset) and list(rows) == list(subset[np.argsort(-want[subset])][:4])
 
 
+@pytest.mark.parametrize("task", ["vqa", "entailment", "reasoning"])
+def test_a_product_fusion_student_is_searchable(task: str, tmp_path: Path) -> None:
+    """[t; v; t*v] is still linear in v for a given t: the scan takes the cached vectors through each query's
+    matrix. Export checks the scan against head.onnx (scan_parity); here also the per-row memory it needs."""
+    from export.onnx_export import ExportOptions, export_bundle
+    from tests.conftest import make_tiny_student
+
+    student = make_tiny_student(tmp_path / "student", task, seed=3, fusion="product")
+    export_bundle(student, tmp_path / "bundle", ExportOptions(eval_size=16))
+    bundle = Bundle.load(tmp_path / "bundle")
+    assert bundle.manifest["parity"]["fp32"]["search"]["max_abs_logit_diff"] <= TOL
+    head = SearchHead.of(bundle)
+    vectors = np.random.default_rng(1).uniform(-1, 1, (300, bundle.dim)).astype(np.float32)
+    parts = ImageParts(head)
+    assert parts.catch_up(vectors) == 300 and parts.nbytes == 300 * bundle.dim * 4 == 300 * head.part_bytes
+
+
 def test_an_older_bundle_loads_and_search_says_to_export_again(
     bundles: dict[str, Path], store_root: Path, tmp_path: Path
 ) -> None:

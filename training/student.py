@@ -36,6 +36,9 @@ class StudentConfig:
     # Hidden dropout as the official towers' drop_rate: on the embeddings, after attention and inside and
     # after the MLP; none on attention probabilities (timm's attn_drop 0). dide-train sets 0.1 (official).
     dropout: float = 0.0
+    # The fusion MLP's input: "concat" is the paper's [t; v]; "product" adds the elementwise product,
+    # [t; v; t*v], a bilinear interaction (see DualEncoderStudent.fuse).
+    fusion: str = "concat"
 
     @property
     def num_patches(self) -> int:
@@ -157,6 +160,10 @@ class ImageTower(nn.Module):
         return self.encoder(x, None, keep_qk)
 
 
+# The fusion MLP's input width, in embeddings, per kind of fusion.
+FUSIONS = {"concat": 2, "product": 3}
+
+
 def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
     """Linear -> LayerNorm -> GELU -> Linear, the shape of ViLT's heads and DiDE's fusion."""
     return nn.Sequential(nn.Linear(d_in, d_hidden), nn.LayerNorm(d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
@@ -170,10 +177,12 @@ class DualEncoderStudent(nn.Module):
         if cfg.hidden_size % cfg.num_heads:
             raise ValueError(f"hidden_size {cfg.hidden_size} is not a multiple of num_heads {cfg.num_heads}")
         self.config = cfg
+        if cfg.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {', '.join(FUSIONS)}, got {cfg.fusion!r}")
         D = cfg.hidden_size
         self.image_tower = ImageTower(cfg)
         self.text_tower = TextTower(cfg)
-        self.fusion = mlp(2 * D, 2 * D, D)
+        self.fusion = mlp(FUSIONS[cfg.fusion] * D, 2 * D, D)
         if cfg.task == "reasoning":  # NLVR2: fuse with each image, classify the concatenation
             self.classifier = mlp(2 * D, 2 * D, cfg.num_labels)
         else:
@@ -186,12 +195,24 @@ class DualEncoderStudent(nn.Module):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.text_tower(input_ids, attention_mask).pooled
 
+    def fuse(self, text_emb: Tensor, image_emb: Tensor) -> Tensor:
+        """The fusion MLP over one text and one image embedding.
+
+        With "product" its first layer also sees t*v. The paper's [t; v] leaves every text-image interaction
+        to the MLP's one nonlinearity; with perfect scene codes in place of the towers, that head stayed at
+        chance on scenes reasoning for 4 epochs where [t; v; t*v] learnt (README, Results). The first layer
+        stays linear in v for a given t, so collection search still scans cached vectors (export/search.py)."""
+        parts = [text_emb, image_emb]
+        if self.config.fusion == "product":
+            parts.append(text_emb * image_emb)
+        return self.fusion(torch.cat(parts, dim=-1))
+
     def head(self, text_emb: Tensor, image_emb: Tensor, image_emb2: Tensor | None = None) -> Tensor:
-        fused = self.fusion(torch.cat([text_emb, image_emb], dim=-1))
+        fused = self.fuse(text_emb, image_emb)
         if self.config.task == "reasoning":
             if image_emb2 is None:
                 raise ValueError("the reasoning head needs two image embeddings")
-            fused = torch.cat([fused, self.fusion(torch.cat([text_emb, image_emb2], dim=-1))], dim=-1)
+            fused = torch.cat([fused, self.fuse(text_emb, image_emb2)], dim=-1)
         return self.classifier(fused)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixels: Tensor, pixels2: Tensor | None = None):

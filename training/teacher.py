@@ -328,13 +328,15 @@ def teacher_for_task(base: Teacher, task: str, labels: list[str], data: str, max
     return Teacher(model, task, labels, base.image_spec, TextEncoder(tokenizer, max_text_len), data)
 
 
-def student_from_teacher(teacher: Teacher, text_layers: int | None = None, dropout: float = 0.0) -> DualEncoderStudent:
+def student_from_teacher(
+    teacher: Teacher, text_layers: int | None = None, dropout: float = 0.0, fusion: str = "concat"
+) -> DualEncoderStudent:
     """A student whose two towers both start from the teacher's ViLT weights.
 
     With `text_layers` smaller than the teacher's depth, the text tower keeps the teacher's first
     layers and its last layer (so the distilled last-layer attention starts from the teacher's).
     """
-    return _student_from_vilt(teacher.model.vilt, teacher, text_layers, dropout)
+    return _student_from_vilt(teacher.model.vilt, teacher, text_layers, dropout, fusion)
 
 
 def is_vilt_checkpoint(directory: str | Path) -> bool:
@@ -344,7 +346,11 @@ def is_vilt_checkpoint(directory: str | Path) -> bool:
 
 
 def student_from_pretrained(
-    directory: str | Path, teacher: Teacher, text_layers: int | None = None, dropout: float = 0.0
+    directory: str | Path,
+    teacher: Teacher,
+    text_layers: int | None = None,
+    dropout: float = 0.0,
+    fusion: str = "concat",
 ) -> DualEncoderStudent:
     """A student whose two towers both start from a ViLT checkpoint other than the teacher, as the official
     code does: each tower loads `load_path` (the pre-trained ViLT), the teacher `teacher_load_path`.
@@ -371,11 +377,11 @@ def student_from_pretrained(
         )
     if info["missing_keys"]:
         log.warning("%s: not in the checkpoint, starting fresh: %s", directory, ", ".join(info["missing_keys"]))
-    return _student_from_vilt(vilt, teacher, text_layers, dropout)
+    return _student_from_vilt(vilt, teacher, text_layers, dropout, fusion)
 
 
 def _student_from_vilt(
-    vilt: ViltModel, teacher: Teacher, text_layers: int | None, dropout: float
+    vilt: ViltModel, teacher: Teacher, text_layers: int | None, dropout: float, fusion: str
 ) -> DualEncoderStudent:
     """A student for `teacher`'s task and text length with both towers copied from `vilt`."""
     c = vilt.config
@@ -394,6 +400,7 @@ def _student_from_vilt(
         intermediate_size=c.intermediate_size,
         layer_norm_eps=c.layer_norm_eps,
         dropout=dropout,
+        fusion=fusion,
     )
     student = DualEncoderStudent(cfg)
     emb = vilt.embeddings

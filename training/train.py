@@ -37,7 +37,7 @@ from training.grid import GridProbe, GridTrainee
 from training.loop import HEAD_LR_MULT, train_loop
 from training.scene_world import CELL_CLASSES, GRID, NAMED_CLASSES
 from training.steps import StudentTrainingView, distill_step, loss_weights, teacher_step
-from training.student import DualEncoderStudent, save_student
+from training.student import FUSIONS, DualEncoderStudent, save_student
 from training.teacher import (
     MAX_TEXT_LEN,
     SIZES,
@@ -124,13 +124,15 @@ def cmd_distill(args) -> int:
     data = limit_train(load_data(args.data or teacher.data, args.task), args.max_train, args.seed)
     teacher.model.requires_grad_(False).eval()
     if args.init == "teacher":
-        student = student_from_teacher(teacher, args.text_layers, args.dropout)
+        student = student_from_teacher(teacher, args.text_layers, args.dropout, args.fusion)
     elif args.init == "scratch":
-        student = DualEncoderStudent(student_from_teacher(teacher, args.text_layers, args.dropout).config)
+        student = DualEncoderStudent(student_from_teacher(teacher, args.text_layers, args.dropout, args.fusion).config)
     elif is_vilt_checkpoint(args.init):  # the official way: a pre-trained ViLT in both towers
-        student = student_from_pretrained(args.init, teacher, args.text_layers, args.dropout)
+        student = student_from_pretrained(args.init, teacher, args.text_layers, args.dropout, args.fusion)
     else:
         student = student_for_teacher(args.init, teacher, args.dropout).train()
+        if student.config.fusion != args.fusion:
+            raise ValueError(f"{args.init} fuses with {student.config.fusion!r}: pass --fusion {student.config.fusion}")
     w = loss_weights(args)
     train_set = ExampleDataset(
         data, "train", teacher.labels, teacher.text, teacher.image_spec, args.augment, blind=args.blind
@@ -258,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--dropout", type=float, default=0.1, help="the student towers' dropout (official: 0.1)")
         sp.add_argument("--text-layers", type=int, default=None, help="a shallower text tower (default: teacher's)")
+        sp.add_argument(
+            "--fusion",
+            choices=tuple(FUSIONS),
+            default="concat",
+            help="the fusion MLP's input: concat [t; v] (the paper's) or product [t; v; t*v] (a bilinear term)",
+        )
         sp.add_argument("--w-gt", type=float, default=0.0, help="weight of the ground-truth loss (official: 0)")
         sp.add_argument("--w-pred", type=float, default=1.0, help="weight of prediction distillation")
         sp.add_argument("--w-attn", type=float, default=1.0, help="weight of cross-modal attention distillation")
