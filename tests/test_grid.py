@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 
 from training import scene_language, train
 from training.evaluate import evaluate_dir
-from training.grid import GridProbe, GridTrainee
+from training.grid import GridProbe, GridTrainee, SceneProbe
 from training.teacher import build_teacher
 from training.tokenizer import train_wordpiece
 
@@ -41,7 +42,7 @@ def test_grid_loss_reads_the_chosen_layer_and_trains_the_vilt():
         GridTrainee(teacher.model, GridProbe(teacher.config.hidden_size, 14, 3, grid=4), layer=3)
 
 
-def test_teacher_cli_trains_with_the_grid_loss_on_scenes(tmp_path, monkeypatch, capsys):
+def test_teacher_cli_trains_with_the_grid_loss_on_scenes(tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
     out = tmp_path / "teacher"
     common = ["--task", "reasoning", "--data", "scenes:train=12,test=4", "--size", "tiny", "--epochs", "1"]
@@ -60,3 +61,29 @@ def test_teacher_cli_trains_with_the_grid_loss_on_scenes(tmp_path, monkeypatch, 
     assert train.main(["teacher", *easy, "--augment", "none", "--grid-loss", "1", "--out", str(tmp_path / "y")]) != 0
     assert "needs data with grid labels" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+    # The student's scene probe: a product-fusion student distilled with it from that teacher.
+    student = tmp_path / "student"
+    caplog.set_level(logging.INFO)
+    flags = ["--fusion", "product", "--grid-loss", "0.5", "--augment", "none", "--log-every", "1"]
+    assert train.main(["distill", "--task", "reasoning", "--teacher", str(out), "--epochs", "1", "--batch-size", "8",
+                       *flags, "--out", str(student)]) == 0  # fmt: skip
+    saved = json.loads((student / "config.json").read_text())
+    assert saved["student"]["fusion"] == "product" and saved["loss_weights"]["grid"] == 0.5
+    assert "grid=" in caplog.text  # the probe's loss is logged with the others
+    assert sorted(p.name for p in student.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
+def test_scene_probe_reads_every_cell_from_the_pooled_vector():
+    torch.manual_seed(0)
+    probe = SceneProbe(hidden=8, cell_classes=3, grid=2)
+    pooled, cells = torch.randn(5, 8), torch.randint(0, 3, (5, 4))
+    logits = probe.read(pooled).view(5, 4, 3)
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), cells.flatten())
+    torch.testing.assert_close(probe.loss(pooled, cells), want)
+    opt = torch.optim.Adam(probe.parameters(), lr=0.1)
+    for _ in range(200):  # a linear read-out can fit 5 examples' cells exactly
+        opt.zero_grad()
+        probe.loss(pooled, cells).backward()
+        opt.step()
+    assert (probe.read(pooled).view(5, 4, 3).argmax(-1) == cells).all()

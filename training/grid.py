@@ -10,6 +10,10 @@ auxiliary losses on its last-layer patch tokens, from labels the scene generator
 The probe reads a middle layer, not the last: a relation ("is the red circle left of the blue square?")
 needs layers *after* the words have found their shapes, to compare where those are.
 The probe is a training aid only: the saved teacher is a plain Hugging Face ViLT.
+
+The student gets the image rung once more (`SceneProbe`): a dual encoder sees an image only through its
+one pooled vector, so that vector must hold the whole scene, every cell's shape and colour, for the
+fusion head to compare what the text names; the teacher never needed its image [CLS] to do that.
 """
 
 from __future__ import annotations
@@ -69,3 +73,16 @@ class GridTrainee(nn.Module):
         text_len = input_ids.shape[1]
         patches = torch.stack([h[:, text_len + 1 :] for h in per_image], dim=1)  # (B, I, N, D) after image [CLS]
         return out.logits, self.probe.loss(patches, cells, named)
+
+
+class SceneProbe(nn.Module):
+    """A linear read-out of every grid cell's class from a pooled image embedding (the student's grid loss)."""
+
+    def __init__(self, hidden: int, cell_classes: int, grid: int) -> None:
+        super().__init__()
+        self.cell_classes = cell_classes
+        self.read = nn.Linear(hidden, grid * grid * cell_classes)
+
+    def loss(self, pooled: Tensor, cells: Tensor) -> Tensor:
+        """pooled (B, D), one image's embedding per example; cells (B, G*G) its cells' class ids."""
+        return F.cross_entropy(self.read(pooled).view(-1, self.cell_classes), cells.flatten())

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from training import losses
-from training.grid import GridTrainee
+from training.grid import GridTrainee, SceneProbe
 from training.student import DualEncoderStudent
 from training.teacher import Teacher
 
@@ -21,11 +21,14 @@ class LossWeights:
     attn: float = 1.0
     t2i: bool = True
     i2t: bool = True
+    grid: float = 0.0  # the scene probe on the pooled image embeddings (scenes only; grid.SceneProbe)
 
 
 def loss_weights(args) -> LossWeights:
     """The loss weights the distillation flags ask for (--w-gt, --w-pred, --w-attn, --no-t2i, --no-i2t)."""
-    return LossWeights(gt=args.w_gt, pred=args.w_pred, attn=args.w_attn, t2i=not args.no_t2i, i2t=not args.no_i2t)
+    return LossWeights(
+        gt=args.w_gt, pred=args.w_pred, attn=args.w_attn, t2i=not args.no_t2i, i2t=not args.no_i2t, grid=args.grid_loss
+    )
 
 
 # Tasks scored with a sigmoid per label (VQA's soft answers; ITM's one logit), the others with a softmax.
@@ -48,20 +51,27 @@ def pred_kd_loss(task: str, student_logits: Tensor, teacher_logits: Tensor, pair
 
 
 class StudentTrainingView(nn.Module):
-    """The student's training forward: logits plus each tower's output (with last-layer q/k when asked).
+    """The student's training forward: logits, each tower's output (with last-layer q/k when asked) and, with
+    a scene probe and the cells given, its loss on the pooled image embeddings (else None).
 
     It is what DistributedDataParallel wraps, so gradient sync sees the whole forward.
     """
 
-    def __init__(self, student: DualEncoderStudent) -> None:
+    def __init__(self, student: DualEncoderStudent, probe: SceneProbe | None = None) -> None:
         super().__init__()
         self.student = student
+        self.probe = probe
 
-    def forward(self, ids: Tensor, mask: Tensor, pixels: Tensor, pixels2: Tensor | None, keep_qk: bool):
+    def forward(
+        self, ids: Tensor, mask: Tensor, pixels: Tensor, pixels2: Tensor | None, keep_qk: bool, cells: Tensor | None
+    ):
         text = self.student.text_tower(ids, mask, keep_qk=keep_qk)
         images = [self.student.image_tower(p, keep_qk=keep_qk) for p in (pixels, pixels2) if p is not None]
         logits = self.student.head(text.pooled, images[0].pooled, images[1].pooled if len(images) == 2 else None)
-        return logits, text, images
+        grid = None
+        if self.probe is not None and cells is not None:  # cells (B, I, G*G)
+            grid = sum(self.probe.loss(img.pooled, cells[:, i]) for i, img in enumerate(images))
+        return logits, text, images, grid
 
 
 def distill_step(
@@ -75,7 +85,7 @@ def distill_step(
     if w.pred > 0 or need_attn:
         with torch.no_grad():
             t_out = teacher.forward(ids, mask, pixels, pixels2, keep_qk=need_attn)
-    logits, text, images = view(ids, mask, pixels, pixels2, need_attn)
+    logits, text, images, grid = view(ids, mask, pixels, pixels2, need_attn, batch.get("cells") if w.grid else None)
     if w.gt > 0:
         parts["gt"] = w.gt * gt_loss(task, logits, batch["target"], ls)
     if w.pred > 0:
@@ -89,6 +99,8 @@ def distill_step(
             for t_qk, img in zip(t_out.qk, images, strict=True)
         )
         parts["attn"] = w.attn * attn
+    if grid is not None:
+        parts["grid"] = w.grid * grid
     total = sum(parts.values())
     return total, {k: float(v.detach()) for k, v in parts.items()}
 

@@ -33,7 +33,7 @@ from training.dataset import ExampleDataset, batch_maker
 from training.distributed import setup_distributed
 from training.evaluate import evaluate_dir
 from training.examples import TASKS, Example, PairExample, TaskData, text_of
-from training.grid import GridProbe, GridTrainee
+from training.grid import GridProbe, GridTrainee, SceneProbe
 from training.loop import HEAD_LR_MULT, train_loop
 from training.scene_world import CELL_CLASSES, GRID, NAMED_CLASSES
 from training.steps import StudentTrainingView, distill_step, loss_weights, teacher_step
@@ -98,10 +98,7 @@ def cmd_teacher(args) -> int:
     batches = batch_maker(args.task, args.seed)
 
     if args.grid_loss > 0:
-        if not train_set.grid:
-            raise ValueError(f"--grid-loss needs data with grid labels (--data scenes), not {spec!r}")
-        if args.augment != "none":
-            raise ValueError("--grid-loss needs --augment none: shifts and flips move shapes out of their cells")
+        require_grid_labels(train_set, spec, args.augment)
         model = GridTrainee(model, GridProbe(teacher.config.hidden_size, CELL_CLASSES, NAMED_CLASSES, GRID))
 
     def step_fn(m, batch):
@@ -109,6 +106,14 @@ def cmd_teacher(args) -> int:
 
     train_loop(args, model, step_fn, train_set, lambda: teacher.save(args.out, {"training": training_settings(args)}))
     return 0
+
+
+def require_grid_labels(train_set: ExampleDataset, spec: str, augment: str) -> None:
+    """--grid-loss needs the scenes' per-cell labels, and shapes left in their cells."""
+    if not train_set.grid:
+        raise ValueError(f"--grid-loss needs data with grid labels (--data scenes), not {spec!r}")
+    if augment != "none":
+        raise ValueError("--grid-loss needs --augment none: shifts and flips move shapes out of their cells")
 
 
 def training_settings(args) -> dict:
@@ -143,6 +148,10 @@ def cmd_distill(args) -> int:
         w,
         len(train_set),
     )
+    probe = None
+    if w.grid > 0:
+        require_grid_labels(train_set, args.data or teacher.data, args.augment)
+        probe = SceneProbe(student.config.hidden_size, CELL_CLASSES, GRID)
     device = setup_distributed()
     teacher.model.to(device)
 
@@ -168,7 +177,7 @@ def cmd_distill(args) -> int:
             },
         )
 
-    train_loop(args, StudentTrainingView(student), step_fn, train_set, save)
+    train_loop(args, StudentTrainingView(student, probe), step_fn, train_set, save)
     return 0
 
 
@@ -271,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--w-attn", type=float, default=1.0, help="weight of cross-modal attention distillation")
         sp.add_argument("--no-t2i", action="store_true", help="drop the text-to-image attention term")
         sp.add_argument("--no-i2t", action="store_true", help="drop the image-to-text attention term")
+        sp.add_argument(
+            "--grid-loss",
+            type=float,
+            default=0.0,
+            help="weight of the scene probe on scenes: every cell's class read from the pooled image embedding",
+        )
 
     d = sub.add_parser("distill", help="DiDE: distil a teacher into a dual-encoder student")
     common(d)
