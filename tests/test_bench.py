@@ -298,3 +298,17 @@ def test_scenes_figure_shows_one_example_per_template(tmp_path, monkeypatch):
         assert img.width > 300 and img.height > 300
     kinds = [ex.kind for ex in scenes_figure.pick("reasoning", 3, 8)]
     assert len(kinds) == len(set(kinds)) == 3
+
+
+def test_fusion_oracle_trains_the_students_head_on_perfect_embeddings(tmp_path):
+    from bench import fusion_oracle
+
+    argv = ["--tasks", "reasoning", "--epochs", "2", "--train", "30", "--test", "10", "--out", str(tmp_path)]
+    assert fusion_oracle.main(argv) == 0
+    report = json.loads((tmp_path / "fusion_oracle.json").read_text())
+    assert [(r["task"], r["fusion"]) for r in report["runs"]] == [("reasoning", "concat"), ("reasoning", "product")]
+    for run in report["runs"]:
+        assert [c["epoch"] for c in run["curve"]] == [1, 2]
+        assert all(0.0 <= c["test_accuracy"] <= 1.0 and c["by_kind"] for c in run["curve"])
+    assert (tmp_path / "fusion_oracle.png").stat().st_size > 0
+    assert "| reasoning | product |" in (tmp_path / "fusion_oracle.md").read_text()
