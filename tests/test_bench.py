@@ -307,8 +307,40 @@ def test_fusion_oracle_trains_the_students_head_on_perfect_embeddings(tmp_path):
     assert fusion_oracle.main(argv) == 0
     report = json.loads((tmp_path / "fusion_oracle.json").read_text())
     assert [(r["task"], r["fusion"]) for r in report["runs"]] == [("reasoning", "concat"), ("reasoning", "product")]
-    for run in report["runs"]:
-        assert [c["epoch"] for c in run["curve"]] == [1, 2]
-        assert all(0.0 <= c["test_accuracy"] <= 1.0 and c["by_kind"] for c in run["curve"])
+    for one in report["runs"]:
+        assert [c["epoch"] for c in one["curve"]] == [1, 2]
+        assert all(0.0 <= c["test_accuracy"] <= 1.0 and c["by_kind"] for c in one["curve"])
     assert (tmp_path / "fusion_oracle.png").stat().st_size > 0
     assert "| reasoning | product |" in (tmp_path / "fusion_oracle.md").read_text()
+
+
+def test_attention_figure_draws_teacher_and_students_and_measures_their_kl(tmp_path, monkeypatch):
+    import torch
+
+    from bench import attention_figure
+    from training import train
+    from training.student import save_student
+    from training.teacher import load_teacher, student_from_teacher
+
+    monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
+    teacher_dir = tmp_path / "teacher"
+    common = ["--task", "entailment", "--data", "scenes:train=6,test=4", "--size", "tiny", "--epochs", "1"]
+    assert train.main(["teacher", *common, "--batch-size", "8", "--out", str(teacher_dir)]) == 0
+    teacher = load_teacher(teacher_dir)
+    # A student that starts from the teacher, and a random one: the first is the closer to its attention.
+    near = student_from_teacher(teacher)
+    far = student_from_teacher(teacher)
+    for p in far.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    for name, model in (("near", near), ("far", far)):
+        save_student(model.eval(), tmp_path / name, labels=teacher.labels, tokenizer=teacher.text.tokenizer,
+                     image_spec=teacher.image_spec, data=teacher.data)  # fmt: skip
+    students = ["--student", f"near={tmp_path / 'near'}", "--student", f"far={tmp_path / 'far'}"]
+    out = tmp_path / "out"
+    argv = ["--teacher", str(teacher_dir), *students, "--examples", "3", "--kl-limit", "12", "--out", str(out)]
+    assert attention_figure.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "attention.json").read_text())
+    assert report["kl_examples"] == 12 and set(report["kl"]) == {"near", "far"}
+    assert 0 <= report["kl"]["near"]["t2i"] < report["kl"]["far"]["t2i"]
+    assert (tmp_path / "out" / "attention.png").stat().st_size > 0
+    assert "| near (" in (tmp_path / "out" / "attention.md").read_text()
