@@ -53,6 +53,7 @@ def encode(task: str, scenes: list, records: list, texts: dict[str, int], labels
 
 def oracle_model(task: str, fusion: str, n_texts: int, n_labels: int, dim: int):
     """Oracle towers (cells -> MLP -> tanh; statement id -> embedding -> tanh) and the student's head."""
+    import torch.nn.functional as F
     from torch import nn
 
     from training.scene_world import CELL_CLASSES, GRID
@@ -71,8 +72,6 @@ def oracle_model(task: str, fusion: str, n_texts: int, n_labels: int, dim: int):
             self.student = head
 
         def forward(self, text_ids, cells_per_image):
-            import torch.nn.functional as F
-
             t = self.text(text_ids)
             v = [self.image(F.one_hot(c, CELL_CLASSES).flatten(1).float()) for c in cells_per_image]
             return self.student.head(t, *v)

@@ -111,8 +111,8 @@ class SearchHead:
         self._w1_text = np.ascontiguousarray(a["fusion_w1"][:, :D], f32)  # (2D, D)
         self._w1_image_t = np.ascontiguousarray(a["fusion_w1"][:, D : 2 * D].T, f32)  # (D, 2D)
         # Product fusion: the first layer's block over t*v, transposed (D, 2D); None for the paper's concat.
-        product = a["fusion_w1"].shape[1] == 3 * D
-        self._w1_product_t = np.ascontiguousarray(a["fusion_w1"][:, 2 * D :].T, f32) if product else None
+        self.product = a["fusion_w1"].shape[1] == 3 * D
+        self._w1_product_t = np.ascontiguousarray(a["fusion_w1"][:, 2 * D :].T, f32) if self.product else None
         self._a = a
         self._fixed = {
             "ln1_w": a["fusion_ln_w"],
@@ -151,14 +151,14 @@ class SearchHead:
     def image_parts(self, vectors: np.ndarray) -> np.ndarray:
         """Image embeddings (B, D) -> their share of the first fusion layer, W1_v v (B, 2D) float32; with a
         product fusion, whose share depends on the query, the embeddings themselves (B, D)."""
-        if self._w1_product_t is not None:
+        if self.product:
             return np.asarray(vectors, np.float32)
         return np.asarray(vectors, np.float32) @ self._w1_image_t
 
     @property
     def part_bytes(self) -> int:
         """Memory per cached image of its precomputed part: 2D float32 (product fusion: D)."""
-        return (1 if self._w1_product_t is not None else 2) * self.dim * 4
+        return (1 if self.product else 2) * self.dim * 4
 
     # --- per query, once ----------------------------------------------------------------------------------
 
@@ -190,14 +190,14 @@ class SearchHead:
             "b4": np.ascontiguousarray(a["cls_b2"][rows], f32),
         }
         matrix = None
-        if self._w1_product_t is not None:  # W1_v v + W1_p (t*v) = v (W1_v^T + diag(t) W1_p^T)
+        if self.product:  # W1_v v + W1_p (t*v) = v (W1_v^T + diag(t) W1_p^T)
             matrix = np.ascontiguousarray(self._w1_image_t + text[:, None] * self._w1_product_t, f32)
         return Query(feeds, kind, column, negate, matrix)
 
     def _fused(self, text: np.ndarray, image: np.ndarray) -> np.ndarray:
         """The fusion MLP over one [text; image] pair, float64 (the given image of a reasoning search)."""
         a = self._a
-        inputs = [text, image] + ([text * image] if self._w1_product_t is not None else [])
+        inputs = [text, image] + ([text * image] if self.product else [])
         x = a["fusion_w1"].astype(np.float64) @ np.concatenate(inputs).astype(np.float64) + a["fusion_b1"]
         h = _gelu(_layer_norm(x, a["fusion_ln_w"], a["fusion_ln_b"], float(a["fusion_ln_eps"])))
         return a["fusion_w2"].astype(np.float64) @ h + a["fusion_b2"]
@@ -236,9 +236,9 @@ class SearchHead:
 
 
 class ImageParts:
-    """W1_v v for every row of one store, in memory (rows x 2D x 4 bytes; product fusion: the vectors, rows x
-    D x 4), computed once and caught up as the
-    store grows. Reads the store's memory-mapped vectors a chunk at a time: they are never copied whole."""
+    """W1_v v for every row of one store, in memory (rows x 2D x 4 bytes; product fusion: the vectors, rows x D
+    x 4), computed once and caught up as the store grows. Reads the store's memory-mapped vectors a chunk at a
+    time: they are never copied whole."""
 
     def __init__(self, head: SearchHead) -> None:
         self.head = head

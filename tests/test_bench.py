@@ -338,6 +338,8 @@ def test_attention_figure_draws_teacher_and_students_and_measures_their_kl(tmp_p
     students = ["--student", f"near={tmp_path / 'near'}", "--student", f"far={tmp_path / 'far'}"]
     out = tmp_path / "out"
     argv = ["--teacher", str(teacher_dir), *students, "--examples", "3", "--kl-limit", "12", "--out", str(out)]
+    with pytest.raises(SystemExit):  # argparse: "--student takes NAME=DIR"
+        attention_figure.main(["--teacher", str(teacher_dir), "--student", str(tmp_path / "near")])
     assert attention_figure.main(argv) == 0
     report = json.loads((tmp_path / "out" / "attention.json").read_text())
     assert report["kl_examples"] == 12 and set(report["kl"]) == {"near", "far"}

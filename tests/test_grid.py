@@ -72,6 +72,13 @@ def test_teacher_cli_trains_with_the_grid_loss_on_scenes(tmp_path, monkeypatch, 
     assert saved["student"]["fusion"] == "product" and saved["loss_weights"]["grid"] == 0.5
     assert "grid=" in caplog.text  # the probe's loss is logged with the others
     assert sorted(p.name for p in student.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    # A saved student keeps its fusion: starting from it with another is refused, saying which to pass.
+    capsys.readouterr()
+    again = ["distill", "--task", "reasoning", "--teacher", str(out), "--init", str(student)]
+    again += ["--out", str(tmp_path / "z")]
+    assert train.main(again) != 0
+    assert "fuses with 'product': pass --fusion product" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists()
 
 
 def test_scene_probe_reads_every_cell_from_the_pooled_vector():

@@ -200,8 +200,9 @@ class DualEncoderStudent(nn.Module):
 
         With "product" its first layer also sees t*v. The paper's [t; v] leaves every text-image interaction
         to the MLP's one nonlinearity; with perfect scene codes in place of the towers, that head stayed at
-        chance on scenes reasoning for 4 epochs where [t; v; t*v] learnt (README, Results). The first layer
-        stays linear in v for a given t, so collection search still scans cached vectors (export/search.py)."""
+        chance on scenes reasoning for 6 epochs where [t; v; t*v] learnt (bench/results/fusion_oracle.md). The
+        first layer stays linear in v for a given t, so collection search still scans cached vectors
+        (export/search.py)."""
         parts = [text_emb, image_emb]
         if self.config.fusion == "product":
             parts.append(text_emb * image_emb)
