@@ -72,9 +72,9 @@ def pair_vector(bundle: Bundle, store: EmbeddingStore, pair: str | None) -> np.n
         return None
     path = Path(pair)
     key = content_key(path.read_bytes()) if path.is_file() else pair
-    vectors, found = store.get([key])
-    if found[0]:
-        return vectors[0]
+    hit = store.lookup(key)
+    if hit is not None:
+        return hit[1]
     if path.is_file():
         return bundle.encode_images(bundle.preprocess_images([path.read_bytes()]))[0]
     raise ValueError(f"{pair!r} is neither an image file nor an id in {store.directory}")

@@ -259,6 +259,16 @@ class EmbeddingStore:
             row = self._row_of_key(key)
             return None if row is None else bytes(self._digests[row]).hex()
 
+    def lookup(self, key: str) -> tuple[str, np.ndarray] | None:
+        """One key (a sha256 or a user id) -> (the sha256 of its content, a copy of its vector), or None.
+
+        The per-request path: one row, without get()'s batch arrays or a second search for the sha256."""
+        with self._mutex:
+            row = self._row_of_key(key)
+            if row is None:
+                return None
+            return bytes(self._digests[row]).hex(), np.array(self._vectors[row], np.float32)
+
     def get(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Vectors for a batch of keys (sha256s or user ids): (N, D) float32, zeros where missing; found (N,)."""
         with self._mutex:

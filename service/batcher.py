@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -52,12 +53,26 @@ class Slot(Generic[T, R]):
         return await self._batcher.submit(item)
 
 
+def _unwrap(result: R | BaseException) -> R:
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 class MicroBatcher(Generic[T, R]):
     """Runs `fn(items) -> results` (same length, same order) in `executor` on coalesced batches.
 
     With `enabled=False` every item is its own call, still run in the executor and still bounded by
     `queue_max` pending items, so the two modes differ only in coalescing. `fn` may return an exception
     instance in place of a result to fail that one item alone.
+
+    A lone item runs at once on the event loop, in the caller's task, when the model is quick (a single
+    item's last call took under `inline_max_s`) and idle: nothing else is queued, running or on its way,
+    and nothing has finished for at least as long as such a call takes. Then the hops to the worker task
+    and to a thread and back cost more than a free loop gains, and the loop is held no longer than that
+    one call. The idle time is the load signal: requests still unread on their sockets are invisible
+    here, and without it a busy server would answer every request inline, one at a time, and never
+    batch (measured: 555 instead of 931 req/s at 32 connections).
     """
 
     def __init__(
@@ -69,25 +84,30 @@ class MicroBatcher(Generic[T, R]):
         wait_s: float,
         queue_max: int,
         enabled: bool = True,
+        inline_max_s: float = 0.0,
         depth_gauge: Gauge | None = None,
         name: str = "batcher",
     ) -> None:
-        if max_batch < 1 or queue_max < 1 or wait_s < 0:
-            raise ValueError("max_batch and queue_max must be >= 1 and wait_s >= 0")
+        if max_batch < 1 or queue_max < 1 or wait_s < 0 or inline_max_s < 0:
+            raise ValueError("max_batch and queue_max must be >= 1, wait_s and inline_max_s >= 0")
         self.fn = fn
         self.executor = executor
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.queue_max = queue_max
         self.enabled = enabled
+        self.inline_max_s = inline_max_s
         self.name = name
         self._gauge = depth_gauge
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
         self._pending = 0  # unbatched mode: items submitted and not finished
+        self._busy = False  # batched mode: the worker holds a batch it has not answered yet
         self._upstream = 0
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
+        self._lone_s = float("inf")  # how long fn took on the last single item (unknown: not inline)
+        self._done_at = 0.0  # time.perf_counter() when the last call of fn returned
 
     @property
     def depth(self) -> int:
@@ -122,6 +142,8 @@ class MicroBatcher(Generic[T, R]):
             raise Overloaded(f"{self.depth} requests are queued for {self.name}, the limit is {self.queue_max}")
         if not self.enabled:
             return await self._call_one(item)
+        if not self._queue and not self._upstream and not self._busy and self._quick_and_idle():
+            return _unwrap(self._timed([item])[0])
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, fut))
         self._gauge_add(1)
@@ -132,13 +154,28 @@ class MicroBatcher(Generic[T, R]):
         self._pending += 1
         self._gauge_add(1)
         try:
-            (result,) = await asyncio.get_running_loop().run_in_executor(self.executor, self.fn, [item])
+            if self._pending == 1 and self._quick_and_idle():
+                (result,) = self._timed([item])
+            else:
+                (result,) = await asyncio.get_running_loop().run_in_executor(self.executor, self._timed, [item])
         finally:
             self._pending -= 1
             self._gauge_add(-1)
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        return _unwrap(result)
+
+    def _quick_and_idle(self) -> bool:
+        return self._lone_s < self.inline_max_s and time.perf_counter() - self._done_at >= self._lone_s
+
+    def _timed(self, items: list[T]) -> Sequence[R | BaseException]:
+        """`fn(items)`, remembering how long it took when it was one item (in whichever thread it runs)."""
+        start = time.perf_counter()
+        try:
+            results = self.fn(items)
+        finally:
+            self._done_at = time.perf_counter()
+        if len(items) == 1:
+            self._lone_s = self._done_at - start
+        return results
 
     def _gauge_add(self, n: int) -> None:
         if self._gauge is not None:
@@ -177,8 +214,9 @@ class MicroBatcher(Generic[T, R]):
             batch = [(item, fut) for item, fut in await self._collect() if not fut.done()]
             if not batch:
                 continue  # every caller gave up (deadline) while waiting
+            self._busy = True
             try:
-                results = await loop.run_in_executor(self.executor, self.fn, [item for item, _ in batch])
+                results = await loop.run_in_executor(self.executor, self._timed, [item for item, _ in batch])
             except asyncio.CancelledError:
                 for _, fut in batch:
                     if not fut.done():
@@ -190,6 +228,8 @@ class MicroBatcher(Generic[T, R]):
                     if not fut.done():
                         fut.set_exception(e)
                 continue
+            finally:
+                self._busy = False  # the answers below are set without yielding to the loop
             for (_, fut), result in zip(batch, results, strict=True):
                 if fut.done():
                     continue

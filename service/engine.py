@@ -102,6 +102,7 @@ class Model:
             wait_s=settings.batch_wait_ms / 1000.0,
             queue_max=settings.queue_max,
             enabled=settings.batching,
+            inline_max_s=settings.inline_max_ms / 1000.0,
             depth_gauge=metrics.queue_depth,
             name=f"{bundle.task} batcher",
         )
@@ -113,7 +114,7 @@ class Model:
         images = [np.stack([row.images[i] for row in rows]) for i in range(len(rows[0].images))]
         with self.metrics.stage("head"):
             logits = self.bundle.head(text_emb, *images)
-        self.metrics.batch_size.labels(model="head").observe(len(rows))
+        self.metrics.batch_sizes["head"].observe(len(rows))
         return list(logits)
 
     def text_embeddings(self, wanted: list[str]) -> dict[str, np.ndarray]:
@@ -135,7 +136,7 @@ class Model:
                 ids, mask = self.bundle.tokenize(missing)
             with self.metrics.stage("text_encode"):
                 encoded = self.bundle.encode_tokens(ids, mask)
-            self.metrics.batch_size.labels(model="text").observe(len(missing))
+            self.metrics.batch_sizes["text"].observe(len(missing))
             for text, vec in zip(missing, encoded, strict=True):
                 texts[text] = vec
                 self.text_cache.put(text, vec)
@@ -180,7 +181,9 @@ class Engine:
         self._io = ThreadPoolExecutor(2, thread_name_prefix="dide-store")
         bundles: dict[str, Bundle] = {}
         for directory in self.settings.bundles:
-            bundle = Bundle.load(Path(directory), self.settings.providers or None)
+            bundle = Bundle.load(
+                Path(directory), self.settings.providers or None, threads=self.settings.intra_op_threads or None
+            )
             if bundle.task in bundles:
                 raise ValueError(
                     f"two bundles for task {bundle.task!r} ({bundles[bundle.task].directory} and {directory}): "

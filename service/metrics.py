@@ -56,16 +56,14 @@ class Metrics:
             ["version", "provider", "model_ids", "onnxruntime"],
             registry=r,
         )
-        # Make the label sets visible at 0 before the first request, so dashboards and rate() start clean.
-        for stage in STAGES:
-            self.stage_duration.labels(stage=stage)
-        for model in ("text", "head"):
-            self.batch_size.labels(model=model)
+        # Make the label sets visible at 0 before the first request, so dashboards and rate() start clean, and
+        # keep the children: `labels()` costs more than the observation itself, several times a request.
+        self.stages = {stage: self.stage_duration.labels(stage=stage) for stage in STAGES}
+        self.batch_sizes = {model: self.batch_size.labels(model=model) for model in ("text", "head")}
         for task in ("vqa", "entailment", "reasoning"):
             self.search_rows.labels(task=task)
-        for cache in ("image", "text"):
-            self.cache_hits.labels(cache=cache)
-            self.cache_misses.labels(cache=cache)
+        self.hits = {cache: self.cache_hits.labels(cache=cache) for cache in ("image", "text")}
+        self.misses = {cache: self.cache_misses.labels(cache=cache) for cache in ("image", "text")}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -74,15 +72,15 @@ class Metrics:
         try:
             yield
         finally:
-            self.stage_duration.labels(stage=name).observe(time.perf_counter() - start)
+            self.stages[name].observe(time.perf_counter() - start)
 
     def hit(self, cache: str, n: int = 1) -> None:
         if n:
-            self.cache_hits.labels(cache=cache).inc(n)
+            self.hits[cache].inc(n)
 
     def miss(self, cache: str, n: int = 1) -> None:
         if n:
-            self.cache_misses.labels(cache=cache).inc(n)
+            self.misses[cache].inc(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

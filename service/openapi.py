@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import FastAPI
+from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from service.dependencies import API_KEY_HEADER, BEARER
 from service.schemas import (
     IMAGE_ID_MAX,
     REQUEST_MODELS,
@@ -42,6 +44,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}},
     },
 }
+
+# The key schemes `guard` reads (service/dependencies.py), declared on every guarded route (in its openapi_extra).
+SCHEMES = (API_KEY_HEADER, BEARER)
+SECURITY: dict[str, Any] = {"security": [{scheme.scheme_name: []} for scheme in SCHEMES]}
 
 _FORM_IMAGE = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
 
@@ -92,14 +98,18 @@ def request_body(model: type[BaseModel], form: dict[str, Any] | None = None) -> 
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
-    """Add the request models (parsed by hand, so FastAPI does not see them) and this deployment's limits."""
+    """Add the request models (parsed by hand, so FastAPI does not see them), the key schemes (read by hand) and
+    this deployment's limits."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             models: list[tuple[type[BaseModel], Literal["validation"]]] = [(m, "validation") for m in REQUEST_MODELS]
             _, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            schema.setdefault("components", {})["securitySchemes"] = {
+                s.scheme_name: jsonable_encoder(s.model, by_alias=True, exclude_none=True) for s in SCHEMES
+            }
+            components = schema["components"].setdefault("schemas", {})
             components.update(defs.get("$defs", {}))
             for name, field in TEXT_FIELDS.items():
                 components[name]["properties"][field]["maxLength"] = settings.max_text_chars

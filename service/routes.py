@@ -12,10 +12,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from service.bodies import M, parse_body
-from service.dependencies import EngineDep, MetricsDep, SettingsDep, require_api_key, require_ready
+from service.dependencies import EngineDep, MetricsDep, guard
 from service.engine import Engine
 from service.errors import error_response
-from service.openapi import ERRORS, form_schema, request_body
+from service.openapi import ERRORS, SECURITY, form_schema, request_body
 from service.schemas import (
     EXAMPLE_SHA,
     IMAGE_ID_MAX,
@@ -40,14 +40,13 @@ from service.schemas import (
     VQAResponse,
     VQASearchRequest,
 )
-from service.settings import Settings
 
 VQA_FORM = form_schema("VQAForm", "question")
 ENTAILMENT_FORM = form_schema("EntailmentForm", "hypothesis")
 ENTAILMENT_SUMMARY = "Does the image entail, contradict or leave open the hypothesis?"
 
 router = APIRouter()
-guarded = [Depends(require_api_key), Depends(require_ready)]
+guarded = [Depends(guard)]
 
 
 def task_route(
@@ -59,29 +58,30 @@ def task_route(
         response_model=response,
         responses=ERRORS,
         dependencies=guarded,
-        openapi_extra=request_body(body, form),
+        openapi_extra=request_body(body, form) | SECURITY,
         summary=summary,
     )
 
 
-async def task_request(
-    request: Request, engine: Engine, settings: Settings, task: str, model: type[M], *, multipart: bool
-) -> M:
+async def task_request(request: Request, task: str, model: type[M], *, multipart: bool) -> tuple[Engine, M]:
+    """The engine, and the body validated into `model`. The engine and settings come from app state, not as
+    dependencies: a guarded route solves only `guard` (service/dependencies.py)."""
+    engine: Engine = request.app.state.engine
     engine.model(task)  # a task not served is a 404 before the body is read
-    return await parse_body(request, model, settings, multipart=multipart)
+    return engine, await parse_body(request, model, request.app.state.settings, multipart=multipart)
 
 
 @task_route("/vqa", VQARequest, VQAResponse, "Answer a question about an image", VQA_FORM)
-async def vqa(request: Request, engine: EngineDep, settings: SettingsDep):
-    req = await task_request(request, engine, settings, "vqa", VQARequest, multipart=True)
+async def vqa(request: Request):
+    engine, req = await task_request(request, "vqa", VQARequest, multipart=True)
     a = await engine.vqa(req.question, req.ref(), req.top_k)
     answers = [Answer(answer=label, score=score) for label, score in a.answers]
     return VQAResponse(answers=answers, image_id=a.image.sha256, cached=a.image.cached, model_id=a.model_id)
 
 
 @task_route("/entailment", EntailmentRequest, EntailmentResponse, ENTAILMENT_SUMMARY, ENTAILMENT_FORM)
-async def entailment(request: Request, engine: EngineDep, settings: SettingsDep):
-    req = await task_request(request, engine, settings, "entailment", EntailmentRequest, multipart=True)
+async def entailment(request: Request):
+    engine, req = await task_request(request, "entailment", EntailmentRequest, multipart=True)
     a = await engine.entailment(req.hypothesis, req.ref())
     return EntailmentResponse(
         label=a.label, scores=a.scores, image_id=a.image.sha256, cached=a.image.cached, model_id=a.model_id
@@ -89,8 +89,8 @@ async def entailment(request: Request, engine: EngineDep, settings: SettingsDep)
 
 
 @task_route("/reasoning", ReasoningRequest, ReasoningResponse, "Is the statement true of the pair of images?")
-async def reasoning(request: Request, engine: EngineDep, settings: SettingsDep):
-    req = await task_request(request, engine, settings, "reasoning", ReasoningRequest, multipart=False)
+async def reasoning(request: Request):
+    engine, req = await task_request(request, "reasoning", ReasoningRequest, multipart=False)
     a = await engine.reasoning(req.statement, [ref.ref() for ref in req.images])
     return ReasoningResponse(
         label=a.label,
@@ -101,10 +101,8 @@ async def reasoning(request: Request, engine: EngineDep, settings: SettingsDep):
     )
 
 
-async def search(
-    request: Request, engine: Engine, settings: Settings, task: str, model: type[SearchFilters]
-) -> SearchResponse:
-    req = await task_request(request, engine, settings, task, model, multipart=False)
+async def search(request: Request, task: str, model: type[SearchFilters]) -> SearchResponse:
+    engine, req = await task_request(request, task, model, multipart=False)
     text, wanted, pair = req.query()
     a = await engine.search(task, text, wanted, req.k, ids=req.ids, prefix=req.prefix, **pair)
     return SearchResponse(
@@ -125,18 +123,18 @@ SEARCH_SUMMARIES = {
 
 
 @task_route("/search/vqa", VQASearchRequest, SearchResponse, SEARCH_SUMMARIES["vqa"])
-async def search_vqa(request: Request, engine: EngineDep, settings: SettingsDep):
-    return await search(request, engine, settings, "vqa", VQASearchRequest)
+async def search_vqa(request: Request):
+    return await search(request, "vqa", VQASearchRequest)
 
 
 @task_route("/search/entailment", EntailmentSearchRequest, SearchResponse, SEARCH_SUMMARIES["entailment"])
-async def search_entailment(request: Request, engine: EngineDep, settings: SettingsDep):
-    return await search(request, engine, settings, "entailment", EntailmentSearchRequest)
+async def search_entailment(request: Request):
+    return await search(request, "entailment", EntailmentSearchRequest)
 
 
 @task_route("/search/reasoning", ReasoningSearchRequest, SearchResponse, SEARCH_SUMMARIES["reasoning"])
-async def search_reasoning(request: Request, engine: EngineDep, settings: SettingsDep):
-    return await search(request, engine, settings, "reasoning", ReasoningSearchRequest)
+async def search_reasoning(request: Request):
+    return await search(request, "reasoning", ReasoningSearchRequest)
 
 
 @router.post(
@@ -144,12 +142,12 @@ async def search_reasoning(request: Request, engine: EngineDep, settings: Settin
     response_model=ImageUploadResponse,
     responses=ERRORS | {409: {"model": ErrorResponse, "description": "The name already names another image."}},
     dependencies=guarded,
-    openapi_extra=request_body(ImageUploadRequest, form_schema("ImageUploadForm", None)),
+    openapi_extra=request_body(ImageUploadRequest, form_schema("ImageUploadForm", None)) | SECURITY,
     summary="Upload an image: encode it once for every model and keep it in the store",
 )
-async def upload_image(request: Request, engine: EngineDep, settings: SettingsDep):
-    req = await parse_body(request, ImageUploadRequest, settings, multipart=True)
-    sha, cached, model_ids = await engine.upload(req.image_bytes(), req.name)
+async def upload_image(request: Request):
+    req = await parse_body(request, ImageUploadRequest, request.app.state.settings, multipart=True)
+    sha, cached, model_ids = await request.app.state.engine.upload(req.image_bytes(), req.name)
     return ImageUploadResponse(image_id=sha, cached=cached, model_ids=model_ids)
 
 
@@ -158,6 +156,7 @@ async def upload_image(request: Request, engine: EngineDep, settings: SettingsDe
     response_model=ImageStatus,
     responses=ERRORS,
     dependencies=guarded,
+    openapi_extra=SECURITY,
     summary="Say whether (and for which models) an image is cached",
 )
 async def image_status(

@@ -13,7 +13,7 @@ import numpy as np
 
 from core.preprocess import ImageError
 from export.runtime import Bundle
-from export.store import EmbeddingStore, StoreError, StoreLocked, content_key, is_sha256
+from export.store import EmbeddingStore, StoreError, StoreLocked, content_key
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,7 @@ class Space:
             sha = key if key in self._pending else self._names.get(key)
             if sha is not None and sha in self._pending:
                 return sha, self._pending[sha]
-        vectors, found = self.store.get([key])
-        if not found[0]:
-            return None
-        sha = key if is_sha256(key) else self.store.resolve(key)
-        return (sha, vectors[0]) if sha is not None else None
+        return self.store.lookup(key)
 
     def encode(self, data: bytes) -> ImageVector:
         """Image bytes -> vector: from the store when their sha256 is known, else decoded and encoded now.

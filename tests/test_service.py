@@ -667,7 +667,8 @@ def test_full_queue_answers_503_with_retry_after_and_recovers(make_settings: Cal
 
 
 def test_request_past_its_deadline_is_503(make_settings: Callable[..., Settings]) -> None:
-    app = create_app(make_settings(("vqa",), threads=1, request_timeout_s=1.0))
+    # inline_max_ms=0: the model call goes to the (blocked) worker threads, as a slow model's would.
+    app = create_app(make_settings(("vqa",), threads=1, request_timeout_s=1.0, inline_max_ms=0))
 
     async def body(client: httpx.AsyncClient) -> tuple[httpx.Response, float, httpx.Response, httpx.Response]:
         first = await client.post("/vqa", json={"image": b64(png(24)), "question": QUESTION})
@@ -750,6 +751,13 @@ def test_a_crashing_image_decoder_is_a_422_not_a_500(make_settings: Callable[...
         bundle.preprocess_images = crash
         r = c.post("/vqa", json={"image": b64(png(29)), "question": QUESTION})
         assert assert_json_error(r, 422)["code"] == "invalid_image"
+
+
+def test_model_calls_use_the_configured_onnx_runtime_threads(make_settings: Callable[..., Settings]) -> None:
+    for threads in (1, 2):
+        with TestClient(create_app(make_settings(("vqa",), intra_op_threads=threads))) as c:
+            bundle = c.app.state.engine.models["vqa"].bundle  # type: ignore[attr-defined]
+            assert bundle._text.get_session_options().intra_op_num_threads == threads
 
 
 def test_unbatched_mode_serves_the_same_answers(make_settings: Callable[..., Settings]) -> None:
@@ -854,6 +862,86 @@ def test_unbatched_mode_calls_one_item_at_a_time_and_still_bounds_pending() -> N
         MicroBatcher(lambda xs: xs, ThreadPoolExecutor(1), max_batch=0, wait_s=0.0, queue_max=1)
 
 
+def test_a_lone_quick_item_runs_on_the_loop_and_a_slow_or_crowded_one_does_not() -> None:
+    threads: list[str] = []
+
+    def fn(xs: list[int]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        if xs[0] >= 100:
+            time.sleep(0.02)  # a slow model
+        return [x + 1 for x in xs]
+
+    async def body(b: MicroBatcher[int, int]) -> list[int]:
+        async def late(x: int) -> int:
+            with b.slot() as slot:
+                await asyncio.sleep(0.05)
+                return await slot.submit(x)
+
+        first = await b.submit(1)  # how long a lone call takes is not known yet: the executor
+        second = await b.submit(2)  # known to be quick, and alone: on the loop
+        crowded = await asyncio.gather(late(3), late(4), b.submit(5))  # others on their way: coalesced
+        slow = [await b.submit(100), await b.submit(101)]  # its last lone call took 20 ms > 10 ms
+        return [first, second, *crowded, *slow]
+
+    for enabled in (True, False):
+        threads.clear()
+        results, calls = run_batcher(body, fn, max_batch=8, wait_s=1.0, queue_max=8, inline_max_s=0.01, enabled=enabled)
+        assert results == [2, 3, 4, 5, 6, 101, 102]
+        loop_thread = threading.current_thread().name  # asyncio.run runs the loop in this thread
+        if enabled:
+            assert calls == [[1], [2], [5, 3, 4], [100], [101]]
+            assert [t == loop_thread for t in threads] == [False, True, False, True, False]
+        else:  # one at a time; a lone quick one on the loop, the rest in the executor
+            assert calls == [[1], [2], [5], [3], [4], [100], [101]]
+            assert [t == loop_thread for t in threads][:2] == [False, True] and threads[-1] != loop_thread
+
+
+def test_a_lone_item_runs_on_the_loop_only_after_the_model_was_idle_for_a_call() -> None:
+    threads: list[str] = []
+
+    def fn(xs: list[int]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        time.sleep(0.005)
+        return xs
+
+    async def body(b: MicroBatcher[int, int]) -> list[int]:
+        out = [await b.submit(1)]  # unknown: the executor; a call takes 5 ms
+        out.append(await b.submit(2))  # right after one finished (a busy server): the executor again
+        await asyncio.sleep(0.05)  # idle for longer than a call
+        out.append(await b.submit(3))  # on the loop
+        return out
+
+    for enabled in (True, False):
+        threads.clear()
+        results, _ = run_batcher(body, fn, max_batch=8, wait_s=0.0, queue_max=8, inline_max_s=1.0, enabled=enabled)
+        assert results == [1, 2, 3]
+        assert [t == threading.current_thread().name for t in threads] == [False, False, True]
+
+
+def test_a_lone_item_does_not_run_on_the_loop_beside_a_batch_in_flight() -> None:
+    gate = threading.Event()
+    threads: list[str] = []
+
+    def fn(xs: list[int]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        if xs == [0]:
+            gate.wait(10)
+        return xs
+
+    async def body(b: MicroBatcher[int, int]) -> list[int]:
+        await b.submit(7)  # a lone call is known to be quick from here on
+        with b.slot() as other:  # someone on the way: 0 goes through the queue, and its call blocks
+            first = asyncio.create_task(b.submit(0))
+            await asyncio.sleep(0.1)
+            threading.Timer(0.1, gate.set).start()
+            second = await other.submit(8)  # alone now, but the worker is busy: 8 waits for the next batch
+        return [await first, second]
+
+    results, calls = run_batcher(body, fn, max_batch=8, wait_s=0.0, queue_max=8, inline_max_s=1.0)
+    assert results == [0, 8] and calls == [[7], [0], [8]]
+    assert threading.current_thread().name not in threads
+
+
 # --- settings and the OpenAPI document -------------------------------------------------------------------
 
 
@@ -872,7 +960,7 @@ def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
         assert [k.get_secret_value() for k in s.api_keys] == ["k1", "k2"] and "k1" not in repr(s)
         assert s.batching is False and s.max_body_bytes == 1234 and s.cors_origins == [] and s.batch_wait_ms == 2.5
         assert s.batch_max == 32 and s.queue_max == 256 and s.request_timeout_s == 10 and s.max_text_chars == 500
-        assert s.text_cache_size == 4096
+        assert s.text_cache_size == 4096 and s.intra_op_threads == 1 and s.inline_max_ms == 5.0
     finally:
         get_settings.cache_clear()
     monkeypatch.setenv("DIDE_BATCH_MAX", "0")

@@ -52,6 +52,14 @@ def test_add_get_resolve_and_batch_lookup(store: EmbeddingStore) -> None:
     assert not got[2].any() and not got[3].any()
     assert got.dtype == np.float32 and got.shape == (5, DIM)
 
+    # One key at a time (the service's path): the content's sha256 and a copy of its vector.
+    for key, i in (("img3", 3), (sha(12), 12)):
+        hit = store.lookup(key)
+        assert hit is not None and hit[0] == sha(i) and np.array_equal(hit[1], vec(i)) and hit[1].dtype == np.float32
+        hit[1][:] = 0
+    assert np.array_equal(store.lookup("img3")[1], vec(3))  # type: ignore[index]
+    assert store.lookup("missing") is None and store.lookup(sha(99)) is None
+
 
 def test_user_ids_are_permanent_and_validated(store: EmbeddingStore) -> None:
     keys, vectors = rows(0, 3)
