@@ -9,9 +9,12 @@ cache off (DIDE_TEXT_CACHE_SIZE=0, so every request runs the text tower), and ar
 (A B A B ...):
 1. HTTP+JSON overhead: one request at a time, POST /vqa with a cached image id, interleaved with the
    bare runtime call for the same request (tokenise, text tower, head via export.runtime.Bundle, in
-   this process); overhead = service p50 - bare p50.
+   this process); overhead = service p50 - bare p50. Measured in 3 independent runs, each with freshly
+   started servers; the median and the spread are reported.
 2. Throughput at 32 concurrent clients: arrivals far above capacity through 32 connections; completed
-   requests per second, batching on vs off.
+   requests per second, batching on vs off, and where a request's time goes: CPU per answered request
+   in the server's event-loop thread (HTTP, the framework, batching) and in its other threads (the
+   models), each model stage's time per request (the server's /metrics), and the load generator's CPU.
 3. A sweep of arrival rates (fractions of the batching-on capacity), cached image ids vs uploaded
    base64 images (each upload a distinct image, so it is decoded and encoded): p50/p95/p99/max latency,
    throughput, error ratio, and the mean micro-batch size (from the server's /metrics).
@@ -40,7 +43,16 @@ from bench.images import b64, distinct_pngs
 from bench.load_report import markdown, plot
 from bench.loadgen import RawClient, arrival_times, open_loop, summarize
 from bench.measure import RESULTS, configure_logging, header, percentile, write_results
-from bench.server import LiveServer, random_bundle, sample, server_env, start_server, stop_server, wait_ready
+from bench.server import (
+    LiveServer,
+    cpu_seconds,
+    random_bundle,
+    sample,
+    server_env,
+    start_server,
+    stop_server,
+    wait_ready,
+)
 from export.runtime import Bundle
 
 log = logging.getLogger(__name__)
@@ -60,6 +72,7 @@ QUESTIONS = ("what is the red shape?", "what color is the shape?", "is there a c
 def servers(bundle: Path, work: Path, modes: dict[str, bool]) -> Iterator[dict[str, LiveServer]]:
     """One `dide-serve` subprocess per mode (name -> batching on?), each with its own store; stopped on exit."""
     started: dict[str, LiveServer] = {}
+    work.mkdir(parents=True, exist_ok=True)
     try:
         for name, batching in modes.items():
             slug = name.replace(" ", "-")
@@ -74,10 +87,52 @@ def servers(bundle: Path, work: Path, modes: dict[str, bool]) -> Iterator[dict[s
             stop_server(server)
 
 
-def head_batches(url: str) -> tuple[float, float]:
-    """(sum, count) of the server's dide_batch_size histogram for the head (requests, model calls)."""
-    text = httpx.get(url + "/metrics", timeout=10.0).text
-    return sample(text, 'dide_batch_size_sum{model="head"}'), sample(text, 'dide_batch_size_count{model="head"}')
+STAGES = ("lookup", "tokenize", "text_encode", "head")
+
+
+def counters(server: LiveServer) -> dict[str, float]:
+    """A server's cumulative counters: CPU seconds (event-loop thread, every thread), /vqa requests answered
+    and their summed time in the server, each stage's summed time, and rows and calls through the head."""
+    text = httpx.get(server.url + "/metrics", timeout=10.0).text
+    vqa = '{endpoint="/vqa",status_class="2xx"}'
+    pid = server.process.pid
+    out = {
+        "loop_cpu_s": cpu_seconds(pid, pid),
+        "cpu_s": cpu_seconds(pid),
+        "requests": sample(text, f"dide_request_duration_seconds_count{vqa}"),
+        "request_s": sample(text, f"dide_request_duration_seconds_sum{vqa}"),
+        "head_rows": sample(text, 'dide_batch_size_sum{model="head"}'),
+        "head_calls": sample(text, 'dide_batch_size_count{model="head"}'),
+    }
+    return out | {f"{s}_s": sample(text, f'dide_stage_duration_seconds_sum{{stage="{s}"}}') for s in STAGES}
+
+
+def wait_idle(server: LiveServer, timeout_s: float = 120.0) -> float:
+    """Wait until the server answers nothing but this probe (a run cut short leaves a backlog that would
+    otherwise be served during the next run); the seconds waited."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        text = httpx.get(server.url + "/metrics", timeout=10.0).text
+        if sample(text, "dide_inflight_requests") <= 1:  # the /metrics request itself
+            break
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def breakdown(before: dict[str, float], after: dict[str, float], client_cpu_s: float) -> dict:
+    """Per answered request over one run: server CPU by thread, time in the server and in each stage, client CPU."""
+    d = {k: after[k] - before[k] for k in after}
+    n = d["requests"]
+    if not n:
+        return {"requests": 0}
+    return {
+        "requests": int(n),
+        "server_loop_cpu_ms": 1000 * d["loop_cpu_s"] / n,
+        "server_other_cpu_ms": 1000 * (d["cpu_s"] - d["loop_cpu_s"]) / n,
+        "server_ms": 1000 * d["request_s"] / n,
+        "stage_ms": {s: 1000 * d[f"{s}_s"] / n for s in STAGES},
+        "client_cpu_ms": 1000 * client_cpu_s / n,
+    }
 
 
 # --- requests -------------------------------------------------------------------------------------------
@@ -97,14 +152,15 @@ class Plan:
     max_requests: int
     drain_s: float
     overhead_requests: int
+    overhead_runs: int  # each with freshly started servers
     capacity_repeats: int
     sweep_fractions: tuple[float, ...]
     sweep_repeats: int
 
 
 # Sweep rates are fractions of the capacity at 32 connections (the better of on and off).
-QUICK = Plan(3.0, 40, 20000, 2.0, 100, 2, (0.1, 0.5, 1.0, 2.0, 3.0), 1)
-FULL = Plan(10.0, 300, 40000, 10.0, 500, 5, (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0), 1)
+QUICK = Plan(3.0, 40, 20000, 2.0, 100, 3, 2, (0.1, 0.5, 1.0, 2.0, 3.0), 1)
+FULL = Plan(10.0, 300, 40000, 10.0, 500, 3, 5, (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0), 1)
 
 
 class LoadBench:
@@ -147,7 +203,10 @@ class LoadBench:
         self.seed += 1
         times = arrival_times(rate, duration_s, self.plan.max_requests, self.args.arrivals, self.seed)
         url = self.servers[server].url
-        before = head_batches(url)
+        waited = wait_idle(self.servers[server])
+        if waited > 1.0:
+            log.info("%s: waited %.1f s for the previous run's backlog", server, waited)
+        before, cpu0 = counters(self.servers[server]), time.process_time()
         client = RawClient(url)
         try:
             outcomes, lags = await open_loop(
@@ -160,8 +219,9 @@ class LoadBench:
             )
         finally:
             await client.aclose()
-        after = head_batches(url)
-        calls = after[1] - before[1]
+        client_cpu_s = time.process_time() - cpu0
+        after = counters(self.servers[server])
+        calls = after["head_calls"] - before["head_calls"]
         result = {
             "server": server,
             "images": kind,
@@ -169,7 +229,8 @@ class LoadBench:
             "connections": connections,
             "duration_s": duration_s,
             **summarize(outcomes, lags, duration_s),
-            "mean_batch": (after[0] - before[0]) / calls if calls else float("nan"),
+            "mean_batch": (after["head_rows"] - before["head_rows"]) / calls if calls else float("nan"),
+            "breakdown": breakdown(before, after, client_cpu_s),
         }
         result["saturated"] = bool(
             result["throughput_rps"] < SATURATED_THROUGHPUT * result["offered_rps"]
@@ -271,6 +332,7 @@ class LoadBench:
             "throughput_rps": {name: statistics.median(xs) for name, xs in throughput.items()},
             "ratio_on_over_off": ratio,
             "saturated": all(r["saturated"] for rs in runs.values() for r in rs),
+            "breakdown": {name: median_breakdown([r["breakdown"] for r in rs]) for name, rs in runs.items()},
             "runs": runs,
         }
 
@@ -292,14 +354,45 @@ class LoadBench:
         return results
 
 
+def median_breakdown(parts: list[dict]) -> dict:
+    """Each figure of breakdown(), the median over repeated runs (runs that answered nothing left out)."""
+    parts = [p for p in parts if p["requests"]]
+    if not parts:
+        return {}
+    out: dict = {k: statistics.median(p[k] for p in parts) for k in parts[0] if k != "stage_ms"}
+    out["stage_ms"] = {s: statistics.median(p["stage_ms"][s] for p in parts) for s in STAGES}
+    return out
+
+
+def combine_overhead(runs: list[dict]) -> dict:
+    """The overhead runs (each with its own servers) as one figure: medians over the runs, and every run."""
+    medians = {
+        key: {series: statistics.median(run[key][series] for run in runs) for series in runs[0][key]}
+        for key in ("p50_ms", "p95_ms", "overhead_p50_ms")
+    }
+    return {
+        **{k: v for k, v in runs[0].items() if k not in medians},
+        **medians,
+        "runs": len(runs),
+        "overhead_p50_ms_runs": {n: [r["overhead_p50_ms"][n] for r in runs] for n in medians["overhead_p50_ms"]},
+        "each_run": runs,
+    }
+
+
 async def measure(args: argparse.Namespace, plan: Plan, bundle_dir: Path, work: Path) -> dict:
     modes = {"batching on": True, "batching off": False}
-    with servers(bundle_dir, work, modes) as running:
+    runs = []
+    for i in range(plan.overhead_runs):
+        with servers(bundle_dir, work / f"overhead-{i + 1}", modes) as running:
+            bench = LoadBench(args, plan, bundle_dir, running)
+            await bench.setup()
+            runs.append(await bench.overhead())
+        log.info("HTTP+JSON overhead at p50, run %d: %s", i + 1, runs[-1]["overhead_p50_ms"])
+    overhead = combine_overhead(runs)
+    with servers(bundle_dir, work / "load", modes) as running:
         bench = LoadBench(args, plan, bundle_dir, running)
         await bench.setup()
         ready = httpx.get(next(iter(running.values())).url + "/readyz", timeout=10.0).json()
-        overhead = await bench.overhead()
-        log.info("HTTP+JSON overhead at p50: %s", overhead["overhead_p50_ms"])
         capacity = await bench.capacity(overhead["p50_ms"]["batching on"])
         log.info("capacity at %d connections: %s", CONCURRENT_CLIENTS, capacity["throughput_rps"])
         sweep = await bench.sweep(max(capacity["throughput_rps"].values()))
@@ -336,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--duration", type=float, help="seconds per run (default 3 quick, 10 full)")
     parser.add_argument("--fractions", type=float, nargs="+", help="sweep rates as fractions of capacity")
-    parser.add_argument("--overhead-requests", type=int, help="requests in the overhead measurement")
+    parser.add_argument("--overhead-requests", type=int, help="requests in each overhead run")
+    parser.add_argument("--overhead-runs", type=int, help="overhead runs, each with fresh servers (default 3)")
     parser.add_argument("--work", type=Path, help="where bundles and stores go (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for load.json, .md and .png")
     args = parser.parse_args(argv)
@@ -347,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration,
         "sweep_fractions": tuple(args.fractions) if args.fractions else None,
         "overhead_requests": args.overhead_requests,
+        "overhead_runs": args.overhead_runs,
     }
     plan = Plan(**(plan.__dict__ | {k: v for k, v in overrides.items() if v is not None}))
     with tempfile.TemporaryDirectory(prefix="dide-bench-") as tmp:

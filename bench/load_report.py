@@ -12,10 +12,11 @@ def markdown(report: dict) -> str:
     lines = [
         "The load generator is **open-loop**: " + report["generator"] + ".",
         "",
-        f"HTTP+JSON overhead (one request at a time, {o['requests']} requests, cached image, text cache off): "
+        f"HTTP+JSON overhead (one request at a time, {o['requests']} requests per run, cached image, text cache "
+        f"off; {o.get('runs', 1)} independent runs, each with freshly started servers; medians over the runs): "
         + "; ".join(
             f"{name}: service p50 {o['p50_ms'][name]:.2f} ms - bare call p50 {o['p50_ms']['bare runtime call']:.2f} ms "
-            f"= **{o['overhead_p50_ms'][name]:.2f} ms** "
+            f"= **{o['overhead_p50_ms'][name]:.2f} ms**{spread(o, name)} "
             f"(GET /healthz p50 {o['p50_ms'][name + ' GET /healthz']:.2f} ms; "
             f"the same POST through httpx p50 {o['p50_ms'].get(name + ' via httpx', float('nan')):.2f} ms)"
             for name in o["overhead_p50_ms"]
@@ -27,6 +28,7 @@ def markdown(report: dict) -> str:
         + ", ".join(f"{name} {v:.1f} req/s" for name, v in c["throughput_rps"].items())
         + f"; ratio on/off **{c['ratio_on_over_off']:.2f}x** (median of paired runs).",
         "",
+        *breakdown_table(c, report.get("machine", {}).get("cores") or 1),
         "| images | server | n | offered/s | done/s | p50 ms | p95 ms | p99 ms | max ms | errors | batch | saturated |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -37,6 +39,41 @@ def markdown(report: dict) -> str:
         cells += [f"{100 * r['error_ratio']:.1f}%", f"{r['mean_batch']:.1f}", "yes" if r["saturated"] else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def spread(overhead: dict, name: str) -> str:
+    runs = overhead.get("overhead_p50_ms_runs", {}).get(name, [])
+    if len(runs) < 2:
+        return ""
+    return f" [{min(runs):.2f}, {max(runs):.2f}] (runs: {', '.join(f'{x:.2f}' for x in runs)})"
+
+
+def breakdown_table(capacity: dict, cores: int) -> list[str]:
+    """Where an answered request's time goes at 32 concurrent clients, per server (medians over the runs)."""
+    parts = {name: b for name, b in capacity.get("breakdown", {}).items() if b}
+    if not parts:
+        return []
+    stages = list(next(iter(parts.values()))["stage_ms"])
+    lines = [
+        f"Where an answered request's time goes at {capacity['connections']} concurrent clients (per request, "
+        "medians over the capacity runs). CPU from /proc: the server's event-loop thread (HTTP, the framework, "
+        "batching) and its other threads (the models); stage times from the server's /metrics (a batched stage's "
+        "time shared by its rows); the load generator runs on the same cores. Requests/s these CPU costs allow on "
+        f"{cores} cores: cores x 1000 / (server + client CPU ms).",
+        "",
+        "| server | done/s | server ms | loop CPU ms | other CPU ms | "
+        + " | ".join(f"{s} ms" for s in stages)
+        + " | client CPU ms | CPU-bound req/s |",
+        "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in stages) + " | --- | --- |",
+    ]
+    for name, b in parts.items():
+        cpu = b["server_loop_cpu_ms"] + b["server_other_cpu_ms"] + b["client_cpu_ms"]
+        cells = [name, f"{capacity['throughput_rps'][name]:.0f}", f"{b['server_ms']:.2f}"]
+        cells += [f"{b['server_loop_cpu_ms']:.3f}", f"{b['server_other_cpu_ms']:.3f}"]
+        cells += [f"{b['stage_ms'][s]:.3f}" for s in stages]
+        cells += [f"{b['client_cpu_ms']:.3f}", f"{cores * 1000 / cpu:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def plot(report: dict, path: Path) -> None:

@@ -188,8 +188,9 @@ def load_targets(load: dict | None, flops: dict | None = None) -> list[dict]:
     goals = {
         "batching throughput": ">= 2.5x throughput at 32 concurrent clients with micro-batching than without",
         "tail latency": "p99 <= 3x p50 below saturation (batching on, cached images)",
-        "low-load p95": "p95 at low load no worse with batching than without (cached images)",
-        "HTTP overhead": "HTTP+JSON overhead <= 2 ms at p50 (service p50 - bare runtime call p50, batching on)",
+        "low-load p95": "p95 at low load with batching <= 1.05x of without (cached images)",
+        "HTTP overhead": "HTTP+JSON overhead <= 2 ms at p50 (service p50 - bare runtime call p50, batching on), "
+        "the median of 3 independent runs, with their spread",
     }
     if not load:
         return [target(name, goal, "–", None) for name, goal in goals.items()]
@@ -232,16 +233,18 @@ def load_targets(load: dict | None, flops: dict | None = None) -> list[dict]:
             "low-load p95",
             goals["low-load p95"],
             f"{p95['batching on']:.1f} vs {p95['batching off']:.1f} ms ({ratio95:.2f}x) at {low:g} of capacity",
-            ratio95 <= 1.0,
+            ratio95 <= 1.05,
         )
     )
     o = load["overhead"]
     on = o["overhead_p50_ms"]["batching on"]
+    runs = o.get("overhead_p50_ms_runs", {}).get("batching on", [on])
     value = (
-        f"{on:.2f} ms (service p50 {o['p50_ms']['batching on']:.2f} - bare {o['p50_ms']['bare runtime call']:.2f}; "
-        f"GET /healthz p50 {o['p50_ms']['batching on GET /healthz']:.2f} ms)"
+        f"{on:.2f} ms, median of {len(runs)} runs [{min(runs):.2f}, {max(runs):.2f}] (service p50 "
+        f"{o['p50_ms']['batching on']:.2f} - bare {o['p50_ms']['bare runtime call']:.2f}; GET /healthz p50 "
+        f"{o['p50_ms']['batching on GET /healthz']:.2f} ms)"
     )
-    out.append(target("HTTP overhead", goals["HTTP overhead"], value, on <= 2.0))
+    out.append(target("HTTP overhead", goals["HTTP overhead"], value, on <= 2.0 and len(runs) >= 3))
     return out
 
 

@@ -57,6 +57,14 @@ def rss_bytes(pid: int) -> int:
     return proc_bytes(pid, "VmRSS")
 
 
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """CPU time (user + system) a process has used so far, every thread (or one: its main thread's id is the
+    pid), from /proc."""
+    with open(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after "(name)", which may contain spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def sample(metrics: str, series: str) -> float:
     """One sample's value from Prometheus text, `series` written out with its labels (0 when absent)."""
     for line in metrics.splitlines():

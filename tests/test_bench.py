@@ -205,12 +205,20 @@ def test_raw_client_resends_on_an_idle_connection_the_server_closed() -> None:
 @pytest.mark.slow
 def test_load_quick_against_real_servers(tmp_path: Path) -> None:
     args = ["--quick", "--size", "tiny", "--duration", "0.5", "--fractions", "0.2", "--overhead-requests", "5"]
+    args += ["--overhead-runs", "2"]
     assert load.main([*args, "--work", str(tmp_path), "--out", str(tmp_path)]) == 0
     report = check_files(tmp_path, "load")
     check_header(report, "load")
     assert report["open_loop"] is True and "open-loop" in (tmp_path / "load.md").read_text()
-    assert set(report["overhead"]["overhead_p50_ms"]) == {"batching on", "batching off"}
-    assert report["capacity"]["throughput_rps"]["batching on"] > 0
+    overhead, capacity = report["overhead"], report["capacity"]
+    assert set(overhead["overhead_p50_ms"]) == {"batching on", "batching off"} and overhead["runs"] == 2
+    for name, runs in overhead["overhead_p50_ms_runs"].items():  # two runs, each with its own servers
+        assert len(runs) == 2 and min(runs) <= overhead["overhead_p50_ms"][name] <= max(runs)
+    assert capacity["throughput_rps"]["batching on"] > 0
+    for b in capacity["breakdown"].values():  # where the time goes, from /proc and the servers' /metrics
+        assert b["requests"] > 0 and b["server_loop_cpu_ms"] > 0 and b["client_cpu_ms"] > 0
+        assert b["stage_ms"]["text_encode"] > 0 and b["server_ms"] > b["stage_ms"]["text_encode"]
+    assert "loop CPU ms" in (tmp_path / "load.md").read_text()
     assert {(r["server"], r["images"]) for r in report["sweep"]} == {
         (s, i) for s in ("batching on", "batching off") for i in ("cached", "uploaded")
     }
