@@ -15,7 +15,8 @@ cache off (DIDE_TEXT_CACHE_SIZE=0, so every request runs the text tower), and ar
    requests per second, batching on vs off, and where a request's time goes: CPU per answered request
    in the server's event-loop thread (HTTP, the framework, batching) and in its other threads (the
    models), each model stage's time per request (the server's /metrics), and the load generator's CPU.
-3. A sweep of arrival rates (fractions of the batching-on capacity), cached image ids vs uploaded
+3. p95 at low load (0.05 of capacity), batching on vs off, in paired runs.
+4. A sweep of arrival rates (fractions of the batching-on capacity), cached image ids vs uploaded
    base64 images (each upload a distinct image, so it is decoded and encoded): p50/p95/p99/max latency,
    throughput, error ratio, and the mean micro-batch size (from the server's /metrics).
 Writes bench/results/load.json, load.md and load.png. The client shares the machine with the server.
@@ -62,6 +63,7 @@ READY_TIMEOUT_S = 300.0
 SATURATED_THROUGHPUT = 0.9  # a run is saturated below this fraction of its offered rate ...
 SATURATED_ERRORS = 0.01  # ... or above this error ratio
 PROBE_OVER_SEQUENTIAL = 8.0
+LOW_LOAD = 0.05  # of the capacity at 32 connections: the rate of the low-load p95 comparison
 QUESTIONS = ("what is the red shape?", "what color is the shape?", "is there a circle in the image?")
 
 
@@ -154,13 +156,14 @@ class Plan:
     overhead_requests: int
     overhead_runs: int  # each with freshly started servers
     capacity_repeats: int
+    low_load_repeats: int
     sweep_fractions: tuple[float, ...]
     sweep_repeats: int
 
 
 # Sweep rates are fractions of the capacity at 32 connections (the better of on and off).
-QUICK = Plan(3.0, 40, 20000, 2.0, 100, 3, 2, (0.1, 0.5, 1.0, 2.0, 3.0), 1)
-FULL = Plan(10.0, 300, 40000, 10.0, 500, 3, 5, (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0), 1)
+QUICK = Plan(3.0, 40, 20000, 2.0, 100, 3, 2, 2, (0.1, 0.5, 1.0, 2.0, 3.0), 1)
+FULL = Plan(10.0, 300, 40000, 10.0, 500, 3, 5, 6, (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0, 3.0), 1)
 
 
 class LoadBench:
@@ -336,6 +339,29 @@ class LoadBench:
             "runs": runs,
         }
 
+    async def low_load(self, reference_rps: float) -> dict:
+        """p95 at LOW_LOAD of capacity, cached images, batching on vs off: paired runs, each pair in the order
+        opposite to the last (so neither server always follows the other), and the median of the ratios."""
+        rate, names = LOW_LOAD * reference_rps, list(self.servers)
+        duration = max(self.plan.duration_s, self.plan.min_requests / rate)
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for i in range(self.plan.low_load_repeats):
+            for name in names if i % 2 == 0 else names[::-1]:
+                runs[name].append(
+                    await self.run(name, "cached", rate, self.args.connections, duration, self.plan.drain_s)
+                )
+        p95 = {name: [r["p95_ms"] for r in rs] for name, rs in runs.items()}
+        ratios = [a / b for a, b in zip(p95[names[0]], p95[names[1]], strict=True)]
+        return {
+            "fraction_of_capacity": LOW_LOAD,
+            "rate_rps": rate,
+            "duration_s": duration,
+            "p95_ms": p95,
+            "p95_ratio_on_over_off": statistics.median(ratios),
+            "ratios": ratios,
+            "runs": runs,
+        }
+
     async def sweep(self, reference_rps: float) -> list[dict]:
         """Rates as fractions of reference_rps; cached and uploaded images; both servers, alternating.
 
@@ -395,7 +421,10 @@ async def measure(args: argparse.Namespace, plan: Plan, bundle_dir: Path, work: 
         ready = httpx.get(next(iter(running.values())).url + "/readyz", timeout=10.0).json()
         capacity = await bench.capacity(overhead["p50_ms"]["batching on"])
         log.info("capacity at %d connections: %s", CONCURRENT_CLIENTS, capacity["throughput_rps"])
-        sweep = await bench.sweep(max(capacity["throughput_rps"].values()))
+        reference = max(capacity["throughput_rps"].values())
+        low_load = await bench.low_load(reference)
+        log.info("p95 at low load, on/off: %.2fx (%s)", low_load["p95_ratio_on_over_off"], low_load["p95_ms"])
+        sweep = await bench.sweep(reference)
         server_info = {
             name: {"command": s.command, "env": s.env, "batching": modes[name]} for name, s in running.items()
         }
@@ -413,6 +442,7 @@ async def measure(args: argparse.Namespace, plan: Plan, bundle_dir: Path, work: 
         "servers": server_info,
         "overhead": overhead,
         "capacity": capacity,
+        "low_load": low_load,
         "sweep": sweep,
     }
 

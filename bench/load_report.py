@@ -28,6 +28,7 @@ def markdown(report: dict) -> str:
         + ", ".join(f"{name} {v:.1f} req/s" for name, v in c["throughput_rps"].items())
         + f"; ratio on/off **{c['ratio_on_over_off']:.2f}x** (median of paired runs).",
         "",
+        *low_load_line(report.get("low_load")),
         *breakdown_table(c, report.get("machine", {}).get("cores") or 1),
         "| images | server | n | offered/s | done/s | p50 ms | p95 ms | p99 ms | max ms | errors | batch | saturated |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -46,6 +47,19 @@ def spread(overhead: dict, name: str) -> str:
     if len(runs) < 2:
         return ""
     return f" [{min(runs):.2f}, {max(runs):.2f}] (runs: {', '.join(f'{x:.2f}' for x in runs)})"
+
+
+def low_load_line(ll: dict | None) -> list[str]:
+    if not ll:
+        return []
+    p95 = ", ".join(f"{name} {' / '.join(f'{x:.1f}' for x in xs)} ms" for name, xs in ll["p95_ms"].items())
+    return [
+        f"p95 at low load ({ll['fraction_of_capacity']:g} of capacity, {ll['rate_rps']:.0f} req/s, cached images, "
+        f"{len(ll['ratios'])} paired runs of {ll['duration_s']:.0f} s, alternating which server goes first): {p95}; "
+        f"with batching / without: **{ll['p95_ratio_on_over_off']:.2f}x** (median of the pairs; "
+        f"range {min(ll['ratios']):.2f}-{max(ll['ratios']):.2f}).",
+        "",
+    ]
 
 
 def breakdown_table(capacity: dict, cores: int) -> list[str]:

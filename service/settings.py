@@ -66,7 +66,7 @@ class Settings(BaseSettings):
         ge=0,
         description="ONNX Runtime threads inside one model call; 0 = its default (one per physical core, spinning "
         "between calls). One leaves the cores to concurrent calls and the event loop: on 2 cores at 32 clients, "
-        "1,145 vs 878 req/s with micro-batching (bench/results/load.md).",
+        "1,145 vs 878 req/s with micro-batching, side by side (README, Results).",
     )
     overlay_max: int = Field(
         default=100_000,

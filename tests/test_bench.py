@@ -218,7 +218,11 @@ def test_load_quick_against_real_servers(tmp_path: Path) -> None:
     for b in capacity["breakdown"].values():  # where the time goes, from /proc and the servers' /metrics
         assert b["requests"] > 0 and b["server_loop_cpu_ms"] > 0 and b["client_cpu_ms"] > 0
         assert b["stage_ms"]["text_encode"] > 0 and b["server_ms"] > b["stage_ms"]["text_encode"]
-    assert "loop CPU ms" in (tmp_path / "load.md").read_text()
+    low = report["low_load"]  # paired runs at low load, both servers each time
+    assert len(low["ratios"]) == 2 and all(len(v) == 2 for v in low["p95_ms"].values())
+    assert (
+        "loop CPU ms" in (tmp_path / "load.md").read_text() and "p95 at low load" in (tmp_path / "load.md").read_text()
+    )
     assert {(r["server"], r["images"]) for r in report["sweep"]} == {
         (s, i) for s in ("batching on", "batching off") for i in ("cached", "uploaded")
     }
