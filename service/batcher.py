@@ -72,7 +72,7 @@ class MicroBatcher(Generic[T, R]):
     and to a thread and back cost more than a free loop gains, and the loop is held no longer than that
     one call. The idle time is the load signal: requests still unread on their sockets are invisible
     here, and without it a busy server would answer every request inline, one at a time, and never
-    batch (measured: 555 instead of 931 req/s at 32 connections).
+    batch (measured at 32 connections: 555 req/s without the idle test, 1,145 with it).
     """
 
     def __init__(
