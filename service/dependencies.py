@@ -25,16 +25,11 @@ async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-async def get_app_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
 async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="An API key (when keys are configured).")

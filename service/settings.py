@@ -44,8 +44,9 @@ class Settings(BaseSettings):
         default=5.0,
         ge=0.0,
         le=1000.0,
-        description="A lone request runs on the event loop, without a thread hop each way, while the model's "
-        "last single-request call took less than this; 0 = always in a worker thread.",
+        description="A lone request runs on the event loop, without a thread hop each way, when the model's last "
+        "single-request call took less than this and nothing finished for that long (idle); 0 = always in a worker "
+        "thread.",
     )
     queue_max: int = Field(
         default=256, ge=1, description="Requests waiting per model beyond which the service sheds load."
