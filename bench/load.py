@@ -464,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="where bundles and stores go (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for load.json, .md and .png")
     args = parser.parse_args(argv)
+    for flag in ("overhead_requests", "overhead_runs"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     argv = list(sys.argv[1:] if argv is None else argv)
     configure_logging(quiet=("httpx",))
     plan = QUICK if args.quick else FULL

@@ -13,7 +13,7 @@ def markdown(report: dict) -> str:
         "The load generator is **open-loop**: " + report["generator"] + ".",
         "",
         f"HTTP+JSON overhead (one request at a time, {o['requests']} requests per run, cached image, text cache "
-        f"off; {o.get('runs', 1)} independent runs, each with freshly started servers; medians over the runs): "
+        f"off; {o['runs']} independent runs, each with freshly started servers; medians over the runs): "
         + "; ".join(
             f"{name}: service p50 {o['p50_ms'][name]:.2f} ms - bare call p50 {o['p50_ms']['bare runtime call']:.2f} ms "
             f"= **{o['overhead_p50_ms'][name]:.2f} ms**{spread(o, name)} "
@@ -28,8 +28,9 @@ def markdown(report: dict) -> str:
         + ", ".join(f"{name} {v:.1f} req/s" for name, v in c["throughput_rps"].items())
         + f"; ratio on/off **{c['ratio_on_over_off']:.2f}x** (median of paired runs).",
         "",
-        *low_load_line(report.get("low_load")),
-        *breakdown_table(c, report.get("machine", {}).get("cores") or 1),
+        low_load_line(report["low_load"]),
+        "",
+        *breakdown_table(c, report["machine"]["cores"]),
         "| images | server | n | offered/s | done/s | p50 ms | p95 ms | p99 ms | max ms | errors | batch | saturated |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -43,28 +44,25 @@ def markdown(report: dict) -> str:
 
 
 def spread(overhead: dict, name: str) -> str:
-    runs = overhead.get("overhead_p50_ms_runs", {}).get(name, [])
+    runs = overhead["overhead_p50_ms_runs"][name]
     if len(runs) < 2:
         return ""
     return f" [{min(runs):.2f}, {max(runs):.2f}] (runs: {', '.join(f'{x:.2f}' for x in runs)})"
 
 
-def low_load_line(ll: dict | None) -> list[str]:
-    if not ll:
-        return []
+def low_load_line(ll: dict) -> str:
     p95 = ", ".join(f"{name} {' / '.join(f'{x:.1f}' for x in xs)} ms" for name, xs in ll["p95_ms"].items())
-    return [
+    return (
         f"p95 at low load ({ll['fraction_of_capacity']:g} of capacity, {ll['rate_rps']:.0f} req/s, cached images, "
         f"{len(ll['ratios'])} paired runs of {ll['duration_s']:.0f} s, alternating which server goes first): {p95}; "
         f"with batching / without: **{ll['p95_ratio_on_over_off']:.2f}x** (median of the pairs; "
-        f"range {min(ll['ratios']):.2f}-{max(ll['ratios']):.2f}).",
-        "",
-    ]
+        f"range {min(ll['ratios']):.2f}-{max(ll['ratios']):.2f})."
+    )
 
 
 def breakdown_table(capacity: dict, cores: int) -> list[str]:
     """Where an answered request's time goes at 32 concurrent clients, per server (medians over the runs)."""
-    parts = {name: b for name, b in capacity.get("breakdown", {}).items() if b}
+    parts = {name: b for name, b in capacity["breakdown"].items() if b}
     if not parts:
         return []
     stages = list(next(iter(parts.values()))["stage_ms"])

@@ -218,30 +218,18 @@ def load_targets(load: dict | None, flops: dict | None = None) -> list[dict]:
         out.append(target("tail latency", goals["tail latency"], value, worst["p99_ms"] <= 3 * worst["p50_ms"]))
     else:
         out.append(target("tail latency", goals["tail latency"], "no unsaturated rate", None))
-    if "low_load" in load:  # paired runs at low load, the median of their ratios
-        ll = load["low_load"]
-        ratio95, low, pairs = ll["p95_ratio_on_over_off"], ll["fraction_of_capacity"], len(ll["ratios"])
-        p95 = {server: statistics.median(ll["p95_ms"][server]) for server in ("batching on", "batching off")}
-        value = (
-            f"{ratio95:.2f}x, median of {pairs} paired runs [{min(ll['ratios']):.2f}, {max(ll['ratios']):.2f}] "
-            f"(median p95 {p95['batching on']:.1f} vs {p95['batching off']:.1f} ms) at {low:g} of capacity"
-        )
-    else:  # older results: the sweep's lowest rate, one run per server
-        low = min(r["fraction_of_capacity"] for r in load["sweep"])
-        p95 = {
-            server: statistics.median(
-                r["p95_ms"]
-                for r in load["sweep"]
-                if r["images"] == "cached" and r["server"] == server and r["fraction_of_capacity"] == low
-            )
-            for server in ("batching on", "batching off")
-        }
-        ratio95 = p95["batching on"] / p95["batching off"]
-        value = f"{p95['batching on']:.1f} vs {p95['batching off']:.1f} ms ({ratio95:.2f}x) at {low:g} of capacity"
+    ll = load["low_load"]  # paired runs at low load, the median of their ratios
+    ratio95, pairs = ll["p95_ratio_on_over_off"], len(ll["ratios"])
+    p95 = {server: statistics.median(ll["p95_ms"][server]) for server in ("batching on", "batching off")}
+    value = (
+        f"{ratio95:.2f}x, median of {pairs} paired runs [{min(ll['ratios']):.2f}, {max(ll['ratios']):.2f}] "
+        f"(median p95 {p95['batching on']:.1f} vs {p95['batching off']:.1f} ms) at {ll['fraction_of_capacity']:g} "
+        "of capacity"
+    )
     out.append(target("low-load p95", goals["low-load p95"], value, ratio95 <= 1.05))
     o = load["overhead"]
     on = o["overhead_p50_ms"]["batching on"]
-    runs = o.get("overhead_p50_ms_runs", {}).get("batching on", [on])
+    runs = o["overhead_p50_ms_runs"]["batching on"]
     value = (
         f"{on:.2f} ms, median of {len(runs)} runs [{min(runs):.2f}, {max(runs):.2f}] (service p50 "
         f"{o['p50_ms']['batching on']:.2f} - bare {o['p50_ms']['bare runtime call']:.2f}; GET /healthz p50 "

@@ -202,6 +202,13 @@ def test_raw_client_resends_on_an_idle_connection_the_server_closed() -> None:
     assert got[:3] == [200, 200, 200] and got[3] == "ConnectionRefusedError"
 
 
+@pytest.mark.parametrize("flag", ["--overhead-runs", "--overhead-requests"])
+def test_load_refuses_a_count_under_one(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        load.main([flag, "0"])
+    assert e.value.code == 2 and f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_load_quick_against_real_servers(tmp_path: Path) -> None:
     args = ["--quick", "--size", "tiny", "--duration", "0.5", "--fractions", "0.2", "--overhead-requests", "5"]
