@@ -11,7 +11,8 @@ import torch
 from training import scene_language, train
 from training.evaluate import evaluate_dir
 from training.grid import GridProbe, GridTrainee, SceneProbe
-from training.teacher import build_teacher
+from training.steps import StudentTrainingView
+from training.teacher import build_teacher, student_from_teacher
 from training.tokenizer import train_wordpiece
 
 
@@ -40,6 +41,26 @@ def test_grid_loss_reads_the_chosen_layer_and_trains_the_vilt():
     assert layers[1].attention.attention.query.weight.grad is None  # above layer 1: untouched by the grid loss
     with pytest.raises(ValueError, match=r"layer must be in 1\.\.2"):
         GridTrainee(teacher.model, GridProbe(teacher.config.hidden_size, 14, 3, grid=4), layer=3)
+
+
+def test_the_fact_probe_reads_each_images_pooled_output():
+    """Two-image statements: the fact of each image is read from that image's pooled output, the vector the
+    NLVR2 head concatenates, so the loss reaches the pooler; without facts it does not."""
+    tok = train_wordpiece(["both images contain a red circle."] * 3)
+    teacher = build_teacher("tiny", "reasoning", ["False", "True"], tok, "test")
+    trainee = GridTrainee(teacher.model, GridProbe(teacher.config.hidden_size, 14, 3, grid=4, fact_classes=5))
+    ids, mask = (torch.from_numpy(a) for a in teacher.text(["both images contain a red circle."] * 2))
+    pixels = torch.randn(2, 2, 3, 32, 32)
+    cells, named = torch.randint(0, 14, (2, 2, 16)), torch.randint(0, 3, (2, 2, 16))
+    facts = torch.tensor([[0, 1], [2, 4]])
+    logits, without = trainee(ids, mask, pixels, cells, named)
+    _, loss = trainee(ids, mask, pixels, cells, named, facts)
+    assert logits.shape == (2, 2) and loss > without
+    loss.backward()
+    assert teacher.model.vilt.pooler.dense.weight.grad.abs().sum() > 0
+    trainee.zero_grad(set_to_none=True)
+    trainee(ids, mask, pixels, cells, named)[1].backward()
+    assert teacher.model.vilt.pooler.dense.weight.grad is None
 
 
 def test_teacher_cli_trains_with_the_grid_loss_on_scenes(tmp_path, monkeypatch, capsys, caplog):
@@ -94,3 +115,21 @@ def test_scene_probe_reads_every_cell_from_the_pooled_vector():
         probe.loss(pooled, cells).backward()
         opt.step()
     assert (probe.read(pooled).view(5, 4, 3).argmax(-1) == cells).all()
+
+
+def test_the_students_fact_probe_reads_the_fusion_of_the_text_with_each_image():
+    tok = train_wordpiece(["both images contain a red circle."] * 3)
+    teacher = build_teacher("tiny", "reasoning", ["False", "True"], tok, "test")
+    student = student_from_teacher(teacher, fusion="product")
+    view = StudentTrainingView(student, SceneProbe(student.config.hidden_size, 14, grid=4, fact_classes=5)).train()
+    ids, mask = (torch.from_numpy(a) for a in teacher.text(["both images contain a red circle."] * 2))
+    pixels, pixels2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    cells, facts = torch.randint(0, 14, (2, 2, 16)), torch.tensor([[0, 1], [2, 4]])
+    without = view(ids, mask, pixels, pixels2, False, cells)[3]
+    logits, _, _, loss = view(ids, mask, pixels, pixels2, False, cells, facts)
+    assert logits.shape == (2, 2) and loss > without
+    loss.backward()
+    assert student.fusion[0].weight.grad.abs().sum() > 0
+    view.zero_grad(set_to_none=True)
+    view(ids, mask, pixels, pixels2, False, cells)[3].backward()
+    assert student.fusion[0].weight.grad is None  # only the facts reach the fusion through the probe

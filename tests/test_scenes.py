@@ -266,6 +266,27 @@ def test_reasoning_statements_on_a_hand_checked_pair():
         "exactly one image has a circle above a triangle.": True,
     }
     assert {t: scene_language.REASONING_STATEMENTS[t][1](left, right) for t in expected} == expected
+    # Each statement compares one fact per image: a count of what it names, or whether its relation holds.
+    facts = {t: scene_language.pair_facts(t, left, right) for t in expected}
+    assert facts["the left image has more red shapes than the right image."] == [1, 2]
+    assert facts["there are exactly two circles in total."] == [1, 1]
+    assert facts["exactly one image contains a blue square."] == [1, 0]
+    assert facts["exactly one image has a circle above a triangle."] == [0, 1]
+
+
+def test_reasoning_facts_come_from_the_cells_and_decide_every_label(sets):
+    """The facts the loader derives from each image's cell labels (shapes_of_cells inverts cell_classes)
+    give every statement's label back through its predicate, and use every class."""
+    seen = Counter()
+    for e in sets["reasoning"].train + sets["reasoning"].test:
+        left, right = (scene_world.shapes_of_cells(c) for c in e.grid.cells)
+        assert scene_language.REASONING_STATEMENTS[e.statement][1](left, right) == e.label
+        assert list(e.grid.facts) == scene_language.pair_facts(e.statement, left, right)
+        seen.update(e.grid.facts)
+    assert set(seen) == set(range(scene_language.FACT_CLASSES))
+    scene = scene_world.random_scene(random.Random(3))
+    assert set(scene_world.shapes_of_cells(scene_world.cell_classes(scene))) == set(scene.shapes)
+    assert all(e.grid.facts is None for e in sets["vqa"].train)
 
 
 def test_rendered_shapes_are_large_distinct_and_the_occluder_hides_its_cells():

@@ -45,6 +45,9 @@ class ExampleDataset(Dataset):
         if self.grid:
             self.cells = torch.tensor([g.cells for g in grids])  # (E, I, G*G) class ids
             self.named = torch.tensor([g.named for g in grids], dtype=torch.uint8)  # (E, I, G*G)
+        self.facts = self.grid and all(g.facts is not None for g in grids)  # reasoning: each image's fact
+        if self.facts:
+            self.fact_ids = torch.tensor([g.facts for g in grids])  # (E, I) classes
         paths = sorted({p for e in self.examples for p in images_of(e)})
         self.image_index = {p: i for i, p in enumerate(paths)}
         rgb = []
@@ -80,6 +83,8 @@ class ExampleDataset(Dataset):
             item["pixels2"] = self.pixels(images[1])
         if self.grid:
             item["cells"], item["named"] = self.cells[i], self.named[i]
+        if self.facts:
+            item["facts"] = self.fact_ids[i]
         if isinstance(self.examples[i], PairExample):
             item["image_id"] = torch.tensor(self.image_index[images[0]])
             item["caption_id"] = self.caption_ids[i]

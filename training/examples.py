@@ -14,14 +14,16 @@ ITM_LABELS = ("match",)  # image-text matching: one logit, whether the caption d
 @dataclass(frozen=True)
 class GridLabels:
     """What a synthetic scene's generator knows for free about each grid cell (raster order), per image:
-    the class of what the cell shows, and whether the text names the shape in it (0/1)."""
+    the class of what the cell shows, and whether the text names the shape in it (0/1); for a reasoning
+    statement also its fact of each image (scene_language.pair_facts)."""
 
     cells: tuple[tuple[int, ...], ...]
     named: tuple[tuple[int, ...], ...]
+    facts: tuple[int, ...] | None = None
 
     @classmethod
-    def of(cls, cells: list[list[int]], named: list[list[int]]) -> GridLabels:
-        return cls(tuple(map(tuple, cells)), tuple(map(tuple, named)))
+    def of(cls, cells: list[list[int]], named: list[list[int]], facts: list[int] | None = None) -> GridLabels:
+        return cls(tuple(map(tuple, cells)), tuple(map(tuple, named)), None if facts is None else tuple(facts))
 
 
 @dataclass(frozen=True, kw_only=True)

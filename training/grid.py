@@ -9,6 +9,11 @@ auxiliary losses on its last-layer patch tokens, from labels the scene generator
   the words: it teaches the cross-modal attention that DiDE distils.
 The probe reads a middle layer, not the last: a relation ("is the red circle left of the blue square?")
 needs layers *after* the words have found their shapes, to compare where those are.
+For a reasoning statement about two images, a third read-out asks each image's pooled output (what the
+NLVR2 head concatenates) for the statement's fact of that image: how many of the named shapes it has, or
+whether the named relation holds in it (scene_language.pair_facts). The head then only has to compare two
+facts; without it, the teacher had to find the per-image facts from the pair's true/false label alone, and
+sat at chance for an unpredictable part of its training (README, Results).
 The probe is a training aid only: the saved teacher is a plain Hugging Face ViLT.
 
 The student gets the image rung once more (`SceneProbe`): a dual encoder sees an image only through its
@@ -24,13 +29,15 @@ from torch import Tensor, nn
 
 
 class GridProbe(nn.Module):
-    """Two linear read-outs over the patch tokens pooled into the scene's grid cells."""
+    """Two linear read-outs over the patch tokens pooled into the scene's grid cells, and with `fact_classes`
+    one over each image's pooled output (two-image statements)."""
 
-    def __init__(self, hidden: int, cell_classes: int, named_classes: int, grid: int) -> None:
+    def __init__(self, hidden: int, cell_classes: int, named_classes: int, grid: int, fact_classes: int = 0) -> None:
         super().__init__()
         self.grid = grid
         self.cell = nn.Linear(hidden, cell_classes)
         self.named = nn.Linear(hidden, named_classes)
+        self.fact = nn.Linear(hidden, fact_classes) if fact_classes else None
 
     def cells_of(self, patches: Tensor) -> Tensor:
         """(B, N, D) patch tokens in raster order -> (B, G*G, D), averaged over each cell's patches."""
@@ -48,6 +55,10 @@ class GridProbe(nn.Module):
         named_loss = F.cross_entropy(self.named(x).flatten(0, 1), named.flatten().long())
         return cell_loss + named_loss
 
+    def fact_loss(self, pooled: Tensor, facts: Tensor) -> Tensor:
+        """pooled (B, I, D) each image's pooled output; facts (B, I) class ids."""
+        return F.cross_entropy(self.fact(pooled).flatten(0, 1), facts.flatten())
+
 
 class GridTrainee(nn.Module):
     """A HF ViLT task model and its grid probe, trained together; forward gives the task logits and the
@@ -62,7 +73,15 @@ class GridTrainee(nn.Module):
             raise ValueError(f"the grid probe's layer must be in 1..{depth}, got {self.layer}")
         self.model, self.probe = model, probe
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor, cells: Tensor, named: Tensor):
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Tensor,
+        cells: Tensor,
+        named: Tensor,
+        facts: Tensor | None = None,
+    ):
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, output_hidden_states=True
         )
@@ -72,17 +91,29 @@ class GridTrainee(nn.Module):
         per_image = [out.hidden_states[k]] if pixel_values.dim() == 4 else [h[k] for h in out.hidden_states]
         text_len = input_ids.shape[1]
         patches = torch.stack([h[:, text_len + 1 :] for h in per_image], dim=1)  # (B, I, N, D) after image [CLS]
-        return out.logits, self.probe.loss(patches, cells, named)
+        loss = self.probe.loss(patches, cells, named)
+        if self.probe.fact is not None and facts is not None:
+            vilt = self.model.vilt  # each image's pooled output, as the model's own forward computed it
+            pooled = torch.stack([vilt.pooler(vilt.layernorm(h[-1])) for h in out.hidden_states], dim=1)
+            loss = loss + self.probe.fact_loss(pooled, facts)
+        return out.logits, loss
 
 
 class SceneProbe(nn.Module):
-    """A linear read-out of every grid cell's class from a pooled image embedding (the student's grid loss)."""
+    """A linear read-out of every grid cell's class from a pooled image embedding (the student's grid loss),
+    and with `fact_classes` one of a two-image statement's fact of each image from the fusion's output for
+    that image, the student's counterpart of the teacher's per-image pooled output."""
 
-    def __init__(self, hidden: int, cell_classes: int, grid: int) -> None:
+    def __init__(self, hidden: int, cell_classes: int, grid: int, fact_classes: int = 0) -> None:
         super().__init__()
         self.cell_classes = cell_classes
         self.read = nn.Linear(hidden, grid * grid * cell_classes)
+        self.fact = nn.Linear(hidden, fact_classes) if fact_classes else None
 
     def loss(self, pooled: Tensor, cells: Tensor) -> Tensor:
         """pooled (B, D), one image's embedding per example; cells (B, G*G) its cells' class ids."""
         return F.cross_entropy(self.read(pooled).view(-1, self.cell_classes), cells.flatten())
+
+    def fact_loss(self, fused: Tensor, facts: Tensor) -> Tensor:
+        """fused (B, D), the fusion of the text with one image; facts (B,) that image's fact class."""
+        return F.cross_entropy(self.fact(fused), facts)

@@ -224,84 +224,67 @@ def entailment_label(text: str, scene: Scene) -> str:
 
 
 # Reasoning statements: text -> (template, predicate over the left and right images' shapes, the
-# descriptions the text names).
-PairStatement = tuple[str, Callable[[Sequence[Shape], Sequence[Shape]], bool], tuple[Description, ...]]
+# descriptions the text names, and the statement's per-image fact). Every statement is a comparison of one
+# fact per image, a number the generator knows for free (how many shapes of a group, or whether a relation
+# holds in it), so the predicate is `combine(fact(left), fact(right))`: the teacher's auxiliary loss asks
+# each image's pooled output for its fact (training/grid.py).
+PairStatement = tuple[
+    str, Callable[[Sequence[Shape], Sequence[Shape]], bool], tuple[Description, ...], Callable[[Sequence[Shape]], int]
+]
+# Facts as classes for that loss: 0, 1, 2, 3, and 4 or more (a scene has at most 5 shapes).
+FACT_CLASSES = 5
+
+_COMBINE: dict[str, Callable[[int, int], bool]] = {
+    "more": lambda a, b: a > b,
+    "fewer": lambda a, b: a < b,
+    "same-number": lambda a, b: a == b,
+    "both-contain": lambda a, b: a > 0 and b > 0,
+    "one-contains": lambda a, b: (a > 0) != (b > 0),
+    "both-related": lambda a, b: a > 0 and b > 0,
+    "one-related": lambda a, b: (a > 0) != (b > 0),
+}
 
 
-def _left_more(group: Description, left: Sequence[Shape], right: Sequence[Shape]) -> bool:
-    return _count(left, group) > _count(right, group)
+def _pair(template: str, fact: Callable[[Sequence[Shape]], int], mentions, combine=None) -> PairStatement:
+    combine = combine or _COMBINE[template]
+
+    def predicate(left: Sequence[Shape], right: Sequence[Shape]) -> bool:
+        return combine(fact(left), fact(right))
+
+    return template, predicate, mentions, fact
 
 
-def _left_fewer(group: Description, left: Sequence[Shape], right: Sequence[Shape]) -> bool:
-    return _count(left, group) < _count(right, group)
-
-
-def _same_number(group: Description, left: Sequence[Shape], right: Sequence[Shape]) -> bool:
-    return _count(left, group) == _count(right, group)
-
-
-def _total(group: Description, n: int, left: Sequence[Shape], right: Sequence[Shape]) -> bool:
-    return _count(left, group) + _count(right, group) == n
-
-
-def _images_with(color: str, shape: str, images: Sequence[Sequence[Shape]]) -> int:
-    return sum(bool(_matching(shapes, color, shape)) for shapes in images)
-
-
-def _both_contain(color: str, shape: str, left: Sequence[Shape], right: Sequence[Shape]) -> bool:
-    return _images_with(color, shape, (left, right)) == 2
-
-
-def _one_contains(color: str, shape: str, left: Sequence[Shape], right: Sequence[Shape]) -> bool:
-    return _images_with(color, shape, (left, right)) == 1
-
-
-def _images_with_relation(a: str, relation: str, b: str, images: Sequence[Sequence[Shape]]) -> int:
-    return sum(has_related_pair(shapes, (None, a), relation, (None, b)) for shapes in images)
-
-
-def _both_related(a: str, relation: str, b: str, left: Sequence[Shape], right: Sequence[Shape]) -> bool:
-    return _images_with_relation(a, relation, b, (left, right)) == 2
-
-
-def _one_related(a: str, relation: str, b: str, left: Sequence[Shape], right: Sequence[Shape]) -> bool:
-    return _images_with_relation(a, relation, b, (left, right)) == 1
+def _related_count(a: str, relation: str, b: str, shapes: Sequence[Shape]) -> int:
+    return int(has_related_pair(shapes, (None, a), relation, (None, b)))
 
 
 def _reasoning_statements() -> dict[str, PairStatement]:
     st: dict[str, PairStatement] = {}
     for group in GROUPS:
-        p, g = _plural(group), (group,)
-        st[f"the left image has more {p} than the right image."] = ("more", functools.partial(_left_more, group), g)
-        st[f"the left image has fewer {p} than the right image."] = ("fewer", functools.partial(_left_fewer, group), g)
-        st[f"the two images have the same number of {p}."] = (
-            "same-number",
-            functools.partial(_same_number, group),
-            g,
-        )
+        p, g, count = _plural(group), (group,), functools.partial(_count, group=group)
+        st[f"the left image has more {p} than the right image."] = _pair("more", count, g)
+        st[f"the left image has fewer {p} than the right image."] = _pair("fewer", count, g)
+        st[f"the two images have the same number of {p}."] = _pair("same-number", count, g)
         for n, word in NUMBER_WORDS.items():
-            st[f"there are exactly {word} {p} in total."] = ("total", functools.partial(_total, group, n), g)
+            total = functools.partial(lambda n, a, b: a + b == n, n)
+            st[f"there are exactly {word} {p} in total."] = _pair("total", count, g, total)
     for color, shape in itertools.product(COLORS, SHAPES):
         g = ((color, shape),)
-        st[f"both images contain a {color} {shape}."] = (
-            "both-contain",
-            functools.partial(_both_contain, color, shape),
-            g,
-        )
-        st[f"exactly one image contains a {color} {shape}."] = (
-            "one-contains",
-            functools.partial(_one_contains, color, shape),
-            g,
-        )
+        count = functools.partial(_count, group=(color, shape))
+        st[f"both images contain a {color} {shape}."] = _pair("both-contain", count, g)
+        st[f"exactly one image contains a {color} {shape}."] = _pair("one-contains", count, g)
     for a, rel, b in itertools.product(SHAPES, RELATIONS, SHAPES):
         g = ((None, a), (None, b))
-        st[f"both images have a {a} {rel} a {b}."] = ("both-related", functools.partial(_both_related, a, rel, b), g)
-        st[f"exactly one image has a {a} {rel} a {b}."] = (
-            "one-related",
-            functools.partial(_one_related, a, rel, b),
-            g,
-        )
+        related = functools.partial(_related_count, a, rel, b)
+        st[f"both images have a {a} {rel} a {b}."] = _pair("both-related", related, g)
+        st[f"exactly one image has a {a} {rel} a {b}."] = _pair("one-related", related, g)
     return st
+
+
+def pair_facts(statement: str, left: Sequence[Shape], right: Sequence[Shape]) -> list[int]:
+    """The statement's fact of each image, as a class of FACT_CLASSES."""
+    fact = REASONING_STATEMENTS[statement][3]
+    return [min(fact(shapes), FACT_CLASSES - 1) for shapes in (left, right)]
 
 
 REASONING_STATEMENTS = _reasoning_statements()

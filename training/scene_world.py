@@ -110,6 +110,15 @@ def cell_classes(scene: Scene) -> list[int]:
     return classes
 
 
+def shapes_of_cells(classes: Sequence[int]) -> tuple[Shape, ...]:
+    """The shapes that `cell_classes` describes (their identity and cell; occluded cells hold none)."""
+    return tuple(
+        Shape(shape=COLORED_SHAPES[k - 1][1], color=COLORED_SHAPES[k - 1][0], row=i // GRID, col=i % GRID)
+        for i, k in enumerate(classes)
+        if 0 < k < OCCLUDED_CELL
+    )
+
+
 # A text names at most two descriptions ("the red circle", "the blue square"): a cell is 0 when its
 # shape is not named, else 1 + the index of the first description that names it.
 NAMED_CLASSES = 3

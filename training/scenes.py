@@ -26,10 +26,16 @@ from training.examples import (
     TaskData,
     VQAExample,
 )
-from training.scene_language import ENTAILMENT_STATEMENTS, REASONING_STATEMENTS, VQA_LABELS, VQA_QUESTIONS
+from training.scene_language import (
+    ENTAILMENT_STATEMENTS,
+    REASONING_STATEMENTS,
+    VQA_LABELS,
+    VQA_QUESTIONS,
+    pair_facts,
+)
 from training.scene_render import render_scene
 from training.scene_splits import make_split
-from training.scene_world import Description, cell_classes, named_cells
+from training.scene_world import Description, cell_classes, named_cells, shapes_of_cells
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +120,9 @@ def _read_split(directory: Path, task: str, split: str) -> list:
         for line in f:
             r = json.loads(line)
             grid = GridLabels.of(r["cells"], r["named"]) if "cells" in r else None
+            if grid is not None and task == "reasoning":
+                left, right = (shapes_of_cells(c) for c in r["cells"])
+                grid = GridLabels.of(r["cells"], r["named"], pair_facts(r["statement"], left, right))
             if task == "vqa":
                 kind = VQA_QUESTIONS[r["question"]][0]
                 examples.append(

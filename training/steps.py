@@ -52,7 +52,8 @@ def pred_kd_loss(task: str, student_logits: Tensor, teacher_logits: Tensor, pair
 
 class StudentTrainingView(nn.Module):
     """The student's training forward: logits, each tower's output (with last-layer q/k when asked) and, with
-    a scene probe and the cells given, its loss on the pooled image embeddings (else None).
+    a scene probe and the cells given, its loss on the pooled image embeddings (else None), plus, with each
+    image's fact given (two-image statements), its loss on the fusion of the text with each image.
 
     It is what DistributedDataParallel wraps, so gradient sync sees the whole forward.
     """
@@ -63,7 +64,14 @@ class StudentTrainingView(nn.Module):
         self.probe = probe
 
     def forward(
-        self, ids: Tensor, mask: Tensor, pixels: Tensor, pixels2: Tensor | None, keep_qk: bool, cells: Tensor | None
+        self,
+        ids: Tensor,
+        mask: Tensor,
+        pixels: Tensor,
+        pixels2: Tensor | None,
+        keep_qk: bool,
+        cells: Tensor | None,
+        facts: Tensor | None = None,
     ):
         text = self.student.text_tower(ids, mask, keep_qk=keep_qk)
         images = [self.student.image_tower(p, keep_qk=keep_qk) for p in (pixels, pixels2) if p is not None]
@@ -71,6 +79,9 @@ class StudentTrainingView(nn.Module):
         grid = None
         if self.probe is not None and cells is not None:  # cells (B, I, G*G)
             grid = sum(self.probe.loss(img.pooled, cells[:, i]) for i, img in enumerate(images))
+            if self.probe.fact is not None and facts is not None:  # facts (B, I)
+                fused = (self.student.fuse(text.pooled, img.pooled) for img in images)
+                grid = grid + sum(self.probe.fact_loss(f, facts[:, i]) for i, f in enumerate(fused))
         return logits, text, images, grid
 
 
@@ -85,7 +96,8 @@ def distill_step(
     if w.pred > 0 or need_attn:
         with torch.no_grad():
             t_out = teacher.forward(ids, mask, pixels, pixels2, keep_qk=need_attn)
-    logits, text, images, grid = view(ids, mask, pixels, pixels2, need_attn, batch.get("cells") if w.grid else None)
+    cells, facts = (batch.get("cells"), batch.get("facts")) if w.grid else (None, None)
+    logits, text, images, grid = view(ids, mask, pixels, pixels2, need_attn, cells, facts)
     if w.gt > 0:
         parts["gt"] = w.gt * gt_loss(task, logits, batch["target"], ls)
     if w.pred > 0:
@@ -112,7 +124,7 @@ def teacher_step(teacher: nn.Module, wrapper: Teacher, batch: dict[str, Tensor],
         pixels = torch.stack([pixels, batch["pixels2"]], dim=1)
     parts = {}
     if isinstance(getattr(teacher, "module", teacher), GridTrainee):
-        logits, grid = teacher(ids, mask, pixels, batch["cells"], batch["named"])
+        logits, grid = teacher(ids, mask, pixels, batch["cells"], batch["named"], batch.get("facts"))
         parts["grid"] = w_grid * grid
     else:
         logits = teacher(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits

@@ -35,6 +35,7 @@ from training.evaluate import evaluate_dir
 from training.examples import TASKS, Example, PairExample, TaskData, text_of
 from training.grid import GridProbe, GridTrainee, SceneProbe
 from training.loop import HEAD_LR_MULT, train_loop
+from training.scene_language import FACT_CLASSES
 from training.scene_world import CELL_CLASSES, GRID, NAMED_CLASSES
 from training.steps import StudentTrainingView, distill_step, loss_weights, teacher_step
 from training.student import FUSIONS, DualEncoderStudent, save_student
@@ -99,7 +100,8 @@ def cmd_teacher(args) -> int:
 
     if args.grid_loss > 0:
         require_grid_labels(train_set, spec, args.augment)
-        model = GridTrainee(model, GridProbe(teacher.config.hidden_size, CELL_CLASSES, NAMED_CLASSES, GRID))
+        facts = FACT_CLASSES if train_set.facts else 0  # reasoning: each image's fact, read from its pooled output
+        model = GridTrainee(model, GridProbe(teacher.config.hidden_size, CELL_CLASSES, NAMED_CLASSES, GRID, facts))
 
     def step_fn(m, batch):
         return teacher_step(m, teacher, batches(batch), args.label_smoothing, args.grid_loss)
@@ -151,7 +153,8 @@ def cmd_distill(args) -> int:
     probe = None
     if w.grid > 0:
         require_grid_labels(train_set, args.data or teacher.data, args.augment)
-        probe = SceneProbe(student.config.hidden_size, CELL_CLASSES, GRID)
+        facts = FACT_CLASSES if train_set.facts else 0  # reasoning: each image's fact, from its fusion with the text
+        probe = SceneProbe(student.config.hidden_size, CELL_CLASSES, GRID, facts)
     device = setup_distributed()
     teacher.model.to(device)
 
