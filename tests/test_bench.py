@@ -365,3 +365,58 @@ def test_attention_figure_draws_teacher_and_students_and_measures_their_kl(tmp_p
     assert 0 <= report["kl"]["near"]["t2i"] < report["kl"]["far"]["t2i"]
     assert (tmp_path / "out" / "attention.png").stat().st_size > 0
     assert "| near (" in (tmp_path / "out" / "attention.md").read_text()
+
+
+def test_frontier_exports_trained_students_and_marks_the_pareto_front(tmp_path, monkeypatch, capsys):
+    from bench import frontier
+    from training import train
+
+    monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
+    teacher = tmp_path / "teacher"
+    common = ["--task", "vqa", "--data", "scenes:train=8,test=4", "--epochs", "1", "--batch-size", "8"]
+    assert train.main(["teacher", *common, "--size", "tiny", "--out", str(teacher)]) == 0
+    students = []
+    for depth in (2, 1):  # the tiny teacher has 2 layers: a full-depth and a 1-layer text tower
+        students.append(tmp_path / f"text{depth}")
+        flags = ["--text-layers", str(depth), "--out", str(students[-1])]
+        assert train.main(["distill", *common, "--teacher", str(teacher), *flags]) == 0
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--teacher", str(teacher), "--students", *map(str, students), "--batches", "1", "2", "--rounds", "3"]
+    argv += ["--base-size", "tiny", "--base-layers", "2", "1", "--work", str(work), "--out", str(out)]
+    assert frontier.main(argv) == 0
+    report = check_files(out, "frontier")
+    check_header(report, "frontier")
+    models = report["trained"]["models"]
+    # Every model in both precisions, each evaluated on the whole test split by its own dide-export.
+    assert {(m["model"], m["text_layers"], m["precision"]) for m in models} == {
+        (m, d, p) for m, d in (("teacher", None), ("student", 2), ("student", 1)) for p in ("fp32", "int8")
+    }
+    n = models[0]["examples"]
+    assert all(m["examples"] == n and 0.0 <= m["accuracy"] <= 1.0 for m in models)
+    assert sorted(p.name for p in work.iterdir() if p.is_dir()) == [
+        "student-text1-fp32", "student-text1-int8", "student-text2-fp32", "student-text2-int8", "tiny"
+    ]  # fmt: skip
+    for group in report["trained"]["groups"]:
+        rows = {r["variant"]: r for r in group["rows"]}
+        assert len(rows) == 6 and all(r["per_request_ms"] > 0 for r in rows.values())
+        assert "speedup_vs_teacher" in rows["student, 1 text layers, int8"]
+    points = report["analysis"]["points"]
+    assert any(p["pareto"] for p in points)
+    for p in points:  # a point is on the front exactly when no other is at least as good on both axes
+        dominated = any(
+            q["accuracy"] >= p["accuracy"] and q["latency_ms"] <= p["latency_ms"] and q != p
+            and (q["accuracy"], q["latency_ms"]) != (p["accuracy"], p["latency_ms"]) for q in points
+        )  # fmt: skip
+        assert p["pareto"] == (not dominated)
+    base = {r["variant"] for g in report["base"]["groups"] for r in g["rows"]}
+    assert "student, 1 text layers, int8" in base and "teacher, fp32" in base
+    assert "teacher, fp32" not in {r["variant"] for r in report["base"]["groups"][1]["rows"]}  # batch 2: students
+    # Students of another teacher, or two of one depth, are refused with the reason.
+    capsys.readouterr()
+    other = ["--teacher", str(students[0]), "--students", str(students[1]), "--out", str(tmp_path / "x")]
+    assert frontier.main(other) == 2
+    assert "not " + str(students[0]) in capsys.readouterr().err
+    twice = ["--teacher", str(teacher), "--students", str(students[1]), str(students[1]), "--out", str(tmp_path / "x")]
+    assert frontier.main(twice) == 2
+    assert "same text depth" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
