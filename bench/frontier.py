@@ -135,6 +135,10 @@ def rows_of(samples: dict[str, list[float]], batch: int, teachers: dict[str, str
     return rows
 
 
+def student_name(depth: int) -> str:
+    return f"student, {depth} text layer" + ("s" if depth != 1 else "")
+
+
 def teacher_call(s: ort.InferenceSession, feed: dict[str, np.ndarray]) -> Callable[[], object]:
     """The teacher's one graph on a request: text tokens and the image(s)."""
     return lambda: s.run(None, feed)
@@ -171,7 +175,7 @@ def trained(args: argparse.Namespace, work: Path) -> dict:
             models.append({"model": "student", "text_layers": depth, "precision": precision, "accuracy": acc,
                            "examples": n, "path": path, "checkpoint": str(student)})  # fmt: skip
     for m in models:
-        m["name"] = "teacher" if m["model"] == "teacher" else f"student, {m['text_layers']} text layers"
+        m["name"] = "teacher" if m["model"] == "teacher" else student_name(m["text_layers"])
         m["name"] += f", {m['precision']}"
     bundles = {m["name"]: Bundle.load(m["path"], ["CPUExecutionProvider"], threads=args.threads) for m in models
                if m["model"] == "student"}  # fmt: skip
@@ -235,7 +239,7 @@ def base(args: argparse.Namespace, work: Path) -> dict:
                 fns[f"teacher, {p}"] = teacher_call(s, feed)
         texts, img = [request.question] * batch, np.repeat(image, batch, 0)
         for (depth, p), b in loaded.items():
-            fns[f"student, {depth} text layers, {p}"] = student_call(b, texts, img)
+            fns[f"{student_name(depth)}, {p}"] = student_call(b, texts, img)
         samples = measure(fns, args.rounds, f"{args.base_size} b{batch}")
         groups.append({"batch": batch, "rows": rows_of(samples, batch, {p: f"teacher, {p}" for p in PRECISIONS})})
     return {"size": args.base_size, "question": request.question, "tokens": request.tokens, "groups": groups}
@@ -289,7 +293,7 @@ def markdown(report: dict) -> str:
     if pick:
         lines.append(
             f"Recommended: **{pick['name']}**, {pick['accuracy']:.4f} "
-            f"({100 * (a['best_student_fp32'] - pick['accuracy']):+.1f} points from the best student's fp32, "
+            f"({100 * (pick['accuracy'] - a['best_student_fp32']):+.1f} points against the best student's fp32, "
             f"{a['best_student_fp32']:.4f}), {pick['latency_ms']:.3f} ms a request at batch {a['batch']}."
         )
     b = report.get("base")
@@ -311,21 +315,41 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    a = report["analysis"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    a, b = report["analysis"], report.get("base")
+    fig, axes = plt.subplots(1, 2 if b else 1, figsize=(13 if b else 7.5, 4.8), squeeze=False)
+    ax = axes[0, 0]
+    front = sorted((p for p in a["points"] if p["pareto"]), key=lambda p: p["latency_ms"])
+    ax.plot([p["latency_ms"] for p in front], [p["accuracy"] for p in front], color="0.7", ls="--", lw=0.8,
+            drawstyle="steps-post", label="Pareto front", zorder=1)  # fmt: skip
     for p in a["points"]:
         color = "tab:red" if p["model"] == "teacher" else "tab:green"
         marker = "o" if p["name"].endswith("fp32") else "s"
-        ax.scatter(p["latency_ms"], p["accuracy"], c=color, marker=marker, edgecolors="k" if p["pareto"] else "none")
-        ax.annotate(" " + p["name"], (p["latency_ms"], p["accuracy"]), fontsize=7)
-    front = sorted((p for p in a["points"] if p["pareto"]), key=lambda p: p["latency_ms"])
-    ax.plot([p["latency_ms"] for p in front], [p["accuracy"] for p in front], "k--", lw=0.8, label="Pareto front")
+        ax.scatter(p["latency_ms"], p["accuracy"], c=color, marker=marker, zorder=2,
+                   edgecolors="k" if p["pareto"] else "none")  # fmt: skip
+        ax.annotate(p["name"], (p["latency_ms"], p["accuracy"]), xytext=(-6, -11), textcoords="offset points",
+                    fontsize=7)  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel(f"ms per request at batch {a['batch']} (log; one ONNX Runtime thread)")
     ax.set_ylabel("test accuracy")
-    data = report["trained"]["data"]
-    ax.set_title(f"Accuracy vs latency: students of each text depth, fp32 (o) and int8 (s); {data}", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title(f"Trained ({report['trained']['data']}): fp32 (o), int8 (s)", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    if b:
+        ax = axes[0, 1]
+        for g in b["groups"]:
+            rows = {r["variant"]: r for r in g["rows"]}
+            for precision, style in (("fp32", "o-"), ("int8", "s--")):
+                pts = sorted((int(v.split(", ")[1].split()[0]), r["per_request_ms"]) for v, r in rows.items()
+                             if v.startswith("student") and v.endswith(precision))  # fmt: skip
+                ax.plot(*zip(*pts, strict=True), style, label=f"student {precision}, batch {g['batch']}")
+                teacher = rows.get(f"teacher, {precision}")
+                if teacher:
+                    ax.axhline(teacher["per_request_ms"], color="tab:red", ls=style[1:], lw=0.8,
+                               label=f"teacher {precision}, batch {g['batch']}")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel("student text layers")
+        ax.set_ylabel("ms per request (log)")
+        ax.set_title(f"{b['size']} shapes, random weights: latency by text depth", fontsize=9)
+        ax.legend(fontsize=7)
     save_figure(fig, path)
 
 

@@ -50,12 +50,14 @@ class Recipe:
 
 
 # The recipe, one per task: `dide-demo rebuild` trains exactly this; models.json records what it was.
-# Teachers: `mini` ViLTs from scratch with the auxiliary grid losses (training/grid.py), the recipe that
-# made the scenes learnable (README, Results); students: DiDE with the default weights (prediction and
-# attention KD, both directions), on the teacher's own unshifted images (a 4-pixel shift moves a shape
-# across the 16-pixel patches the teacher never saw it straddle), with the product fusion (the paper's
-# concat head does not learn these tasks even from perfect embeddings: bench/fusion_oracle.py) and the
-# scene probe on the pooled image embedding (training/grid.py), without dropout for a short schedule.
+# Teachers: `mini` ViLTs from scratch with the auxiliary grid losses (training/grid.py; for reasoning also
+# each image's fact, read from its pooled output), the recipe that made the scenes learnable (README,
+# Results); students: DiDE with the default weights (prediction and attention KD, both directions), on the
+# teacher's own unshifted images (a 4-pixel shift moves a shape across the 16-pixel patches the teacher never
+# saw it straddle), with the product fusion (the paper's concat head does not learn these tasks even from
+# perfect embeddings: bench/fusion_oracle.py) and the scene probe on the pooled image embedding (and for
+# reasoning each image's fact, read from its fusion with the text; training/grid.py), without dropout for a
+# short schedule.
 _TEACHER = (
     "--size mini --batch-size 64 --lr 1e-3 --dropout 0 --augment none --grid-loss 1 --threads 1"
     " --eval-every 1 --eval-limit 1000 --log-every 200"

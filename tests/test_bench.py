@@ -399,7 +399,7 @@ def test_frontier_exports_trained_students_and_marks_the_pareto_front(tmp_path, 
     for group in report["trained"]["groups"]:
         rows = {r["variant"]: r for r in group["rows"]}
         assert len(rows) == 6 and all(r["per_request_ms"] > 0 for r in rows.values())
-        assert "speedup_vs_teacher" in rows["student, 1 text layers, int8"]
+        assert "speedup_vs_teacher" in rows["student, 1 text layer, int8"]
     points = report["analysis"]["points"]
     assert any(p["pareto"] for p in points)
     for p in points:  # a point is on the front exactly when no other is at least as good on both axes
@@ -409,7 +409,7 @@ def test_frontier_exports_trained_students_and_marks_the_pareto_front(tmp_path, 
         )  # fmt: skip
         assert p["pareto"] == (not dominated)
     base = {r["variant"] for g in report["base"]["groups"] for r in g["rows"]}
-    assert "student, 1 text layers, int8" in base and "teacher, fp32" in base
+    assert "student, 1 text layer, int8" in base and "teacher, fp32" in base
     assert "teacher, fp32" not in {r["variant"] for r in report["base"]["groups"][1]["rows"]}  # batch 2: students
     # Students of another teacher, or two of one depth, are refused with the reason.
     capsys.readouterr()
