@@ -127,6 +127,7 @@ def rows_of(samples: dict[str, list[float]], batch: int, teachers: dict[str, str
     rows = []
     for name, xs in samples.items():
         row = {"variant": name, **summary_ms(xs), "per_request_ms": 1000 * float(np.median(xs)) / batch}
+        row["round_ms"] = [1000 * x for x in xs]  # one per interleaved round: any pair's ratio
         precision = name.rsplit(" ", 1)[-1]
         ref = teachers.get(precision)
         if ref is not None and ref in samples and ref != name:
@@ -208,19 +209,26 @@ def trained(args: argparse.Namespace, work: Path) -> dict:
         groups.append({"batch": batch, "rows": rows_of(samples, batch, teachers)})
     for m in models:
         del m["path"]
-    return {"data": data, "question": question, "tokens": tokens, "models": models, "groups": groups}
+    depth = metas[0]["student"]["num_layers"]  # the image tower keeps the teacher's depth
+    return {"data": data, "question": question, "tokens": tokens, "teacher_layers": depth, "models": models,
+            "groups": groups}  # fmt: skip
 
 
-def base(args: argparse.Namespace, work: Path) -> dict:
-    """Base shapes, random weights: latency of students of each text depth against the teacher (batch 1)."""
+def base(args: argparse.Namespace, work: Path, trained_report: dict) -> dict:
+    """Base shapes, random weights: latency of students of each text depth against the teacher (batch 1).
+    The depths: --base-layers, or by default the trained students' fractions of their teacher's depth."""
     from bench.models import build_models
     from training.teacher import student_from_teacher
 
     models = build_models(args.base_size)
+    full, trained_full = models.teacher.config.num_hidden_layers, trained_report["teacher_layers"]
+    trained_depths = sorted({m["text_layers"] for m in trained_report["models"] if m["model"] == "student"})
+    stands_for = {max(1, round(full * d / trained_full)): d for d in trained_depths}  # same fraction of depth
+    depths = args.base_layers or sorted(stands_for, reverse=True)
     request: Request = real_request(models.text, models.student.config.image_size)
     teachers = {p: session(path, args.threads) for p, path in teacher_graphs(models, work).items()}
     bundles = {}
-    for depth in args.base_layers:
+    for depth in depths:
         student = student_from_teacher(models.teacher, text_layers=depth).eval()
         fp32 = write_bundle(student, work / args.base_size / f"text{depth}-fp32", models.text, models.labels, "fp32")
         int8 = work / args.base_size / f"text{depth}-int8"
@@ -228,7 +236,7 @@ def base(args: argparse.Namespace, work: Path) -> dict:
         bundles[depth, "int8"] = write_bundle(student, int8, models.text, models.labels, "int8", graphs_from=fp32)
     loaded = {k: Bundle.load(d, ["CPUExecutionProvider"], threads=args.threads) for k, d in bundles.items()}
     ids, mask, pixels = request.batch(1)
-    image = loaded[args.base_layers[0], "fp32"].encode_images(pixels)
+    image = loaded[depths[0], "fp32"].encode_images(pixels)
     groups = []
     for batch in args.batches:
         fns: dict[str, Callable[[], object]] = {}
@@ -242,7 +250,14 @@ def base(args: argparse.Namespace, work: Path) -> dict:
             fns[f"{student_name(depth)}, {p}"] = student_call(b, texts, img)
         samples = measure(fns, args.rounds, f"{args.base_size} b{batch}")
         groups.append({"batch": batch, "rows": rows_of(samples, batch, {p: f"teacher, {p}" for p in PRECISIONS})})
-    return {"size": args.base_size, "question": request.question, "tokens": request.tokens, "groups": groups}
+    return {
+        "size": args.base_size,
+        "question": request.question,
+        "tokens": request.tokens,
+        "text_layers": full,
+        "stands_for": {str(b): stands_for[b] for b in depths if b in stands_for},  # base depth -> trained depth
+        "groups": groups,
+    }
 
 
 def analyse(report: dict) -> dict:
@@ -264,7 +279,44 @@ def analyse(report: dict) -> dict:
     good = [p for p in points if p["model"] == "student" and p["deployable"]
             and 100 * (best - p["accuracy"]) <= RECOMMEND_PTS]  # fmt: skip
     pick = min(good, key=lambda p: p["latency_ms"]) if good else None
-    return {"batch": t["groups"][0]["batch"], "points": points, "best_student_fp32": best, "recommended": pick}
+    out = {"batch": t["groups"][0]["batch"], "points": points, "best_student_fp32": best, "recommended": pick}
+    if report.get("base"):
+        out["base_speedups"] = base_speedups(report["base"], points, pick)
+    return out
+
+
+def base_speedups(b: dict, points: list[dict], pick: dict | None) -> dict:
+    """At base shapes, batch 1: the best deployable teacher against (a) the fastest deployable student of any
+    depth (deployable as measured on its trained counterpart, the same fraction of depth), and (b) the
+    recommended configuration; each a median of per-round ratios."""
+    group = next((g for g in b["groups"] if g["batch"] == 1), None)
+    if group is None:
+        return {}
+    rows = {r["variant"]: r for r in group["rows"]}
+    deployable = {p["name"] for p in points if p["deployable"]}
+    teachers = [f"teacher, {p}" for p in PRECISIONS if f"teacher, {p}" in deployable and f"teacher, {p}" in rows]
+    teacher = min(teachers, key=lambda n: rows[n]["median_ms"])
+    found = {}
+    for base_depth, depth in b["stands_for"].items():
+        for precision in PRECISIONS:
+            trained_name = f"{student_name(depth)}, {precision}"
+            base_name = f"{student_name(int(base_depth))}, {precision}"
+            if base_name in rows:
+                found[trained_name] = base_name
+    accuracy = {p["name"]: p["accuracy"] for p in points}
+
+    def case(trained_name: str) -> dict:
+        base_name = found[trained_name]
+        ratio = paired_ratio(rows[teacher]["round_ms"], rows[base_name]["round_ms"])
+        return {"student": base_name, "trained": trained_name, "accuracy": accuracy[trained_name],
+                "teacher": teacher, "teacher_accuracy": accuracy[teacher], "speedup": ratio}  # fmt: skip
+
+    any_depth = [n for n in found if n in deployable]
+    fastest = min(any_depth, key=lambda n: rows[found[n]]["median_ms"]) if any_depth else None
+    return {
+        "any_depth": case(fastest) if fastest else None,
+        "recommended": case(pick["name"]) if pick and pick["name"] in found else None,
+    }
 
 
 def markdown(report: dict) -> str:
@@ -306,6 +358,16 @@ def markdown(report: dict) -> str:
                 speed = f"{r['speedup_vs_teacher']:.1f}x" if "speedup_vs_teacher" in r else "–"
                 lines.append(f"| {r['variant']} | {r['per_request_ms']:.3f} | {speed} |")
             lines.append("")
+        stands = ", ".join(f"{k} for {v}" for k, v in b["stands_for"].items())
+        lines.append(f"Base text depths stand for the trained ones at the same fraction of depth ({stands}).")
+        for key, what in (("any_depth", "the fastest deployable student of any depth"),
+                          ("recommended", "the recommended configuration")):  # fmt: skip
+            c = a.get("base_speedups", {}).get(key)
+            if c:
+                lines.append(
+                    f"- Best deployable teacher ({c['teacher']}, {c['teacher_accuracy']:.4f} trained) against "
+                    f"{what} ({c['student']}; trained: {c['accuracy']:.4f}): **{c['speedup']:.1f}x** at batch 1."
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -358,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", type=Path, required=True, help="the teacher checkpoint the students came from")
     parser.add_argument("--students", type=Path, nargs="+", required=True, help="student checkpoints, one per depth")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (the first: the plot's)")
-    parser.add_argument("--base-layers", type=int, nargs="*", default=[12, 6, 4, 2], help="text depths at base shapes")
+    parser.add_argument(
+        "--base-layers", type=int, nargs="+", help="text depths at base shapes (default: the students' fractions)"
+    )
+    parser.add_argument("--no-base", action="store_true", help="skip the base-shape group")
     parser.add_argument("--base-size", default="base", help="the size of the base-shape group (training.teacher.SIZES)")
     parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds per group")
     parser.add_argument("--threads", type=int, default=1, help="threads per ONNX Runtime call")
@@ -366,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for frontier.json, .md and .png")
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if args.rounds < 3 or not args.batches or min(args.batches) < 1 or any(d < 1 for d in args.base_layers):
+    if args.rounds < 3 or min(args.batches) < 1 or any(d < 1 for d in args.base_layers or []):
         parser.error("--rounds must be >= 3, batches >= 1 and --base-layers >= 1")
     configure_logging()
     set_threads(args.threads)
@@ -379,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
                 **header("frontier", argv, quick=False, threads=args.threads, provider="CPUExecutionProvider"),
                 "trained": trained(args, work),
             }
-            if args.base_layers:
-                report["base"] = base(args, work)
+            if not args.no_base:
+                report["base"] = base(args, work, report["trained"])
     except FrontierError as e:
         print(f"bench.frontier: {e}", file=sys.stderr)
         return 2

@@ -382,7 +382,7 @@ def test_frontier_exports_trained_students_and_marks_the_pareto_front(tmp_path, 
         assert train.main(["distill", *common, "--teacher", str(teacher), *flags]) == 0
     out, work = tmp_path / "out", tmp_path / "work"
     argv = ["--teacher", str(teacher), "--students", *map(str, students), "--batches", "1", "2", "--rounds", "3"]
-    argv += ["--base-size", "tiny", "--base-layers", "2", "1", "--work", str(work), "--out", str(out)]
+    argv += ["--base-size", "tiny", "--work", str(work), "--out", str(out)]
     assert frontier.main(argv) == 0
     report = check_files(out, "frontier")
     check_header(report, "frontier")
@@ -411,6 +411,9 @@ def test_frontier_exports_trained_students_and_marks_the_pareto_front(tmp_path, 
     base = {r["variant"] for g in report["base"]["groups"] for r in g["rows"]}
     assert "student, 1 text layer, int8" in base and "teacher, fp32" in base
     assert "teacher, fp32" not in {r["variant"] for r in report["base"]["groups"][1]["rows"]}  # batch 2: students
+    assert report["base"]["stands_for"] == {"2": 2, "1": 1}  # the same fractions of the (tiny) teacher's depth
+    speedups = report["analysis"]["base_speedups"]
+    assert speedups["any_depth"]["speedup"] > 0 and speedups["any_depth"]["teacher"].startswith("teacher, ")
     # Students of another teacher, or two of one depth, are refused with the reason.
     capsys.readouterr()
     other = ["--teacher", str(students[0]), "--students", str(students[1]), "--out", str(tmp_path / "x")]
