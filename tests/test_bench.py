@@ -305,6 +305,19 @@ def test_deployable_speedup_is_decided_only_when_every_int8_case_agrees() -> Non
     assert statuses({"fp32": 60, "int8": 30}, {"fp32": 800, "int8": 600}) == ("missed", "missed")  # 26.7x at best
 
 
+def test_frontier_target_is_met_only_by_the_recommended_configuration() -> None:
+    def case(student: str, speedup: float) -> dict:
+        return {"student": student, "trained": student, "accuracy": 0.9, "teacher": "teacher, int8",
+                "teacher_accuracy": 0.91, "speedup": speedup}  # fmt: skip
+
+    fast, full = case("student, 2 text layers, int8", 43.0), case("student, 12 text layers, int8", 8.5)
+    missed = run.frontier_target({"analysis": {"base_speedups": {"any_depth": fast, "recommended": full}}})
+    assert missed["status"] == "missed" and "8.5x" in missed["measured"] and "43.0x" in missed["note"]
+    met = run.frontier_target({"analysis": {"base_speedups": {"any_depth": fast, "recommended": fast}}})
+    assert met["status"] == "met" and met["note"] == ""
+    assert run.frontier_target(None)["status"] == "not measured"
+
+
 def test_scenes_figure_shows_one_example_per_template(tmp_path, monkeypatch):
     from PIL import Image
 
