@@ -86,12 +86,14 @@ def test_teacher_cli_trains_with_the_grid_loss_on_scenes(tmp_path, monkeypatch, 
     # The student's scene probe: a product-fusion student distilled with it from that teacher.
     student = tmp_path / "student"
     caplog.set_level(logging.INFO)
-    flags = ["--fusion", "product", "--grid-loss", "0.5", "--augment", "none", "--log-every", "1"]
+    flags = ["--fusion", "product", "--grid-loss", "0.5", "--fact-loss", "0.25", "--augment", "none"]
+    flags += ["--log-every", "1"]
     assert train.main(["distill", "--task", "reasoning", "--teacher", str(out), "--epochs", "1", "--batch-size", "8",
                        *flags, "--out", str(student)]) == 0  # fmt: skip
     saved = json.loads((student / "config.json").read_text())
     assert saved["student"]["fusion"] == "product" and saved["loss_weights"]["grid"] == 0.5
-    assert "grid=" in caplog.text  # the probe's loss is logged with the others
+    assert saved["loss_weights"]["facts"] == 0.25
+    assert "grid=" in caplog.text and "facts=" in caplog.text  # the probe's losses are logged with the others
     assert sorted(p.name for p in student.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     # A saved student keeps its fusion: starting from it with another is refused, saying which to pass.
     capsys.readouterr()
@@ -99,6 +101,9 @@ def test_teacher_cli_trains_with_the_grid_loss_on_scenes(tmp_path, monkeypatch, 
     again += ["--out", str(tmp_path / "z")]
     assert train.main(again) != 0
     assert "fuses with 'product': pass --fusion product" in capsys.readouterr().err
+    no_grid = ["distill", "--task", "reasoning", "--teacher", str(out), "--fact-loss", "1", "--augment", "none"]
+    assert train.main([*no_grid, "--out", str(tmp_path / "z")]) != 0
+    assert "--fact-loss needs --grid-loss > 0" in capsys.readouterr().err
     assert not (tmp_path / "z").exists()
 
 
@@ -125,11 +130,11 @@ def test_the_students_fact_probe_reads_the_fusion_of_the_text_with_each_image():
     ids, mask = (torch.from_numpy(a) for a in teacher.text(["both images contain a red circle."] * 2))
     pixels, pixels2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
     cells, facts = torch.randint(0, 14, (2, 2, 16)), torch.tensor([[0, 1], [2, 4]])
-    without = view(ids, mask, pixels, pixels2, False, cells)[3]
-    logits, _, _, loss = view(ids, mask, pixels, pixels2, False, cells, facts)
-    assert logits.shape == (2, 2) and loss > without
-    loss.backward()
+    assert set(view(ids, mask, pixels, pixels2, False, cells)[3]) == {"grid"}
+    logits, _, _, aux = view(ids, mask, pixels, pixels2, False, cells, facts)
+    assert logits.shape == (2, 2) and set(aux) == {"grid", "facts"} and aux["facts"] > 0
+    aux["facts"].backward()
     assert student.fusion[0].weight.grad.abs().sum() > 0
     view.zero_grad(set_to_none=True)
-    view(ids, mask, pixels, pixels2, False, cells)[3].backward()
+    view(ids, mask, pixels, pixels2, False, cells)[3]["grid"].backward()
     assert student.fusion[0].weight.grad is None  # only the facts reach the fusion through the probe

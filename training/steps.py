@@ -22,12 +22,19 @@ class LossWeights:
     t2i: bool = True
     i2t: bool = True
     grid: float = 0.0  # the scene probe on the pooled image embeddings (scenes only; grid.SceneProbe)
+    facts: float = 0.0  # its read-out of each image's fact from the fusion (reasoning scenes only)
 
 
 def loss_weights(args) -> LossWeights:
     """The loss weights the distillation flags ask for (--w-gt, --w-pred, --w-attn, --no-t2i, --no-i2t)."""
     return LossWeights(
-        gt=args.w_gt, pred=args.w_pred, attn=args.w_attn, t2i=not args.no_t2i, i2t=not args.no_i2t, grid=args.grid_loss
+        gt=args.w_gt,
+        pred=args.w_pred,
+        attn=args.w_attn,
+        t2i=not args.no_t2i,
+        i2t=not args.no_i2t,
+        grid=args.grid_loss,
+        facts=getattr(args, "fact_loss", 0.0),
     )
 
 
@@ -51,9 +58,9 @@ def pred_kd_loss(task: str, student_logits: Tensor, teacher_logits: Tensor, pair
 
 
 class StudentTrainingView(nn.Module):
-    """The student's training forward: logits, each tower's output (with last-layer q/k when asked) and, with
-    a scene probe and the cells given, its loss on the pooled image embeddings (else None), plus, with each
-    image's fact given (two-image statements), its loss on the fusion of the text with each image.
+    """The student's training forward: logits, each tower's output (with last-layer q/k when asked) and the
+    scene probe's losses, unweighted: with the cells given, "grid" on the pooled image embeddings, and with
+    each image's fact given (two-image statements), "facts" on the fusion of the text with each image.
 
     It is what DistributedDataParallel wraps, so gradient sync sees the whole forward.
     """
@@ -76,13 +83,13 @@ class StudentTrainingView(nn.Module):
         text = self.student.text_tower(ids, mask, keep_qk=keep_qk)
         images = [self.student.image_tower(p, keep_qk=keep_qk) for p in (pixels, pixels2) if p is not None]
         logits = self.student.head(text.pooled, images[0].pooled, images[1].pooled if len(images) == 2 else None)
-        grid = None
+        aux: dict[str, Tensor] = {}
         if self.probe is not None and cells is not None:  # cells (B, I, G*G)
-            grid = sum(self.probe.loss(img.pooled, cells[:, i]) for i, img in enumerate(images))
-            if self.probe.fact is not None and facts is not None:  # facts (B, I)
-                fused = (self.student.fuse(text.pooled, img.pooled) for img in images)
-                grid = grid + sum(self.probe.fact_loss(f, facts[:, i]) for i, f in enumerate(fused))
-        return logits, text, images, grid
+            aux["grid"] = sum(self.probe.loss(img.pooled, cells[:, i]) for i, img in enumerate(images))
+        if self.probe is not None and self.probe.fact is not None and facts is not None:  # facts (B, I)
+            fused = (self.student.fuse(text.pooled, img.pooled) for img in images)
+            aux["facts"] = sum(self.probe.fact_loss(f, facts[:, i]) for i, f in enumerate(fused))
+        return logits, text, images, aux
 
 
 def distill_step(
@@ -96,8 +103,9 @@ def distill_step(
     if w.pred > 0 or need_attn:
         with torch.no_grad():
             t_out = teacher.forward(ids, mask, pixels, pixels2, keep_qk=need_attn)
-    cells, facts = (batch.get("cells"), batch.get("facts")) if w.grid else (None, None)
-    logits, text, images, grid = view(ids, mask, pixels, pixels2, need_attn, cells, facts)
+    cells = batch.get("cells") if w.grid else None
+    facts = batch.get("facts") if w.grid and w.facts else None
+    logits, text, images, aux = view(ids, mask, pixels, pixels2, need_attn, cells, facts)
     if w.gt > 0:
         parts["gt"] = w.gt * gt_loss(task, logits, batch["target"], ls)
     if w.pred > 0:
@@ -111,8 +119,8 @@ def distill_step(
             for t_qk, img in zip(t_out.qk, images, strict=True)
         )
         parts["attn"] = w.attn * attn
-    if grid is not None:
-        parts["grid"] = w.grid * grid
+    for name, loss in aux.items():
+        parts[name] = {"grid": w.grid, "facts": w.facts}[name] * loss
     total = sum(parts.values())
     return total, {k: float(v.detach()) for k, v in parts.items()}
 

@@ -151,10 +151,13 @@ def cmd_distill(args) -> int:
         len(train_set),
     )
     probe = None
+    if w.facts > 0 and not train_set.facts:
+        raise ValueError("--fact-loss needs two-image scenes statements (--task reasoning on scenes)")
+    if w.facts > 0 and w.grid <= 0:
+        raise ValueError("--fact-loss needs --grid-loss > 0: the facts are read by the scene probe")
     if w.grid > 0:
         require_grid_labels(train_set, args.data or teacher.data, args.augment)
-        facts = FACT_CLASSES if train_set.facts else 0  # reasoning: each image's fact, from its fusion with the text
-        probe = SceneProbe(student.config.hidden_size, CELL_CLASSES, GRID, facts)
+        probe = SceneProbe(student.config.hidden_size, CELL_CLASSES, GRID, FACT_CLASSES if w.facts > 0 else 0)
     device = setup_distributed()
     teacher.model.to(device)
 
@@ -288,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=0.0,
             help="weight of the scene probe on scenes: every cell's class read from the pooled image embedding",
+        )
+        sp.add_argument(
+            "--fact-loss",
+            type=float,
+            default=0.0,
+            help="reasoning scenes: weight of each image's fact read from the fusion of the text with that image",
         )
 
     d = sub.add_parser("distill", help="DiDE: distil a teacher into a dual-encoder student")
