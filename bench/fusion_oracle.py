@@ -7,6 +7,7 @@ the task head) with `--fusion concat` (the paper's [t; v]) or `product` ([t; v; 
 ground truth. A head that cannot learn the task from perfect embeddings cannot learn it by distillation.
 
 python -m bench.fusion_oracle                        # entailment and reasoning, concat and product, 6 epochs
+python -m bench.fusion_oracle --facts                # and reasoning with each image's fact read from the fusion
 python -m bench.fusion_oracle --tasks reasoning --epochs 2 --train 200 --test 50   # a quick look
 """
 
@@ -34,20 +35,25 @@ def split(task: str, n_images: int, seed: int) -> tuple[list, list]:
 
 
 def encode(task: str, scenes: list, records: list, texts: dict[str, int], labels: list[str]):
-    """Statement ids (N,), image indices (N, I), every scene's cell classes (S, 16), labels (N,), kinds."""
+    """Statement ids (N,), image indices (N, I), every scene's cell classes (S, 16), labels (N,), kinds, and for
+    reasoning each image's fact (N, I) (else None)."""
     import torch
 
-    from training.scene_language import ENTAILMENT_STATEMENTS, REASONING_STATEMENTS
+    from training.scene_language import ENTAILMENT_STATEMENTS, REASONING_STATEMENTS, pair_facts
     from training.scene_world import cell_classes
 
     catalogue = ENTAILMENT_STATEMENTS if task == "entailment" else REASONING_STATEMENTS
     key = TEXT_KEY[task]
+    facts = None
+    if task == "reasoning":
+        facts = torch.tensor([pair_facts(r[key], *(scenes[i].shapes for i in r["images"])) for r in records])
     return (
         torch.tensor([texts[r[key]] for r in records]),
         torch.tensor([r.get("images", [r.get("image")]) for r in records]),
         torch.tensor([cell_classes(s) for s in scenes]),
         torch.tensor([labels.index(r["label"]) for r in records]),
         [catalogue[r[key]][0] for r in records],
+        facts,
     )
 
 
@@ -79,15 +85,29 @@ def oracle_model(task: str, fusion: str, n_texts: int, n_labels: int, dim: int):
     return Oracle()
 
 
-def run_one(task: str, fusion: str, data: dict, args) -> dict:
-    """Train one oracle head; its test accuracy (overall and per statement type) after every epoch."""
+def run_one(task: str, fusion: str, data: dict, args, facts: bool = False) -> dict:
+    """Train one oracle head; its test accuracy (overall and per statement type) after every epoch. With
+    `facts` (reasoning), a linear probe also reads each image's fact from the fusion of the text with it."""
     import torch
     import torch.nn.functional as F
+
+    from training.scene_language import FACT_CLASSES
+    from training.scene_world import CELL_CLASSES
 
     torch.manual_seed(args.seed)
     train, test = data["train"], data["test"]
     model = oracle_model(task, fusion, len(data["texts"]), len(data["labels"]), args.dim)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    probe = torch.nn.Linear(args.dim, FACT_CLASSES)
+    opt = torch.optim.AdamW([*model.parameters(), *probe.parameters()], lr=args.lr, weight_decay=0.01)
+
+    def loss_of(ix) -> torch.Tensor:
+        t = model.text(train[0][ix])
+        v = [model.image(F.one_hot(c, CELL_CLASSES).flatten(1).float()) for c in images(train, ix)]
+        loss = F.cross_entropy(model.student.head(t, *v), train[3][ix])
+        if facts:
+            fused = (model.student.fuse(t, x) for x in v)
+            loss = loss + sum(F.cross_entropy(probe(f), train[5][ix, i]) for i, f in enumerate(fused))
+        return loss
 
     def images(d, ix):
         return [d[2][d[1][ix, j]] for j in range(d[1].shape[1])]
@@ -105,14 +125,16 @@ def run_one(task: str, fusion: str, data: dict, args) -> dict:
     curve, t0 = [], time.time()
     for epoch in range(1, args.epochs + 1):
         for ix in torch.randperm(len(train[0])).split(args.batch_size):
-            loss = F.cross_entropy(model(train[0][ix], images(train, ix)), train[3][ix])
+            loss = loss_of(ix)
             opt.zero_grad()
             loss.backward()
             opt.step()
         acc, by_kind = accuracy(test)
         curve.append({"epoch": epoch, "test_accuracy": round(acc, 4), "by_kind": by_kind})
-        print(f"{task} {fusion} epoch {epoch}: {acc:.3f} {by_kind} ({time.time() - t0:.0f} s)", file=sys.stderr)
-    return {"task": task, "fusion": fusion, "curve": curve, "train_s": round(time.time() - t0, 1)}
+        print(f"{task} {fusion} facts={facts} epoch {epoch}: {acc:.3f} {by_kind} ({time.time() - t0:.0f} s)",
+              file=sys.stderr)  # fmt: skip
+    name = fusion + (" + facts" if facts else "")
+    return {"task": task, "fusion": name, "facts": facts, "curve": curve, "train_s": round(time.time() - t0, 1)}
 
 
 def markdown(report: dict) -> str:
@@ -168,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=128, help="embedding size D (the mini teacher's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--facts", action="store_true", help="reasoning: also train each head with the per-image facts")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     set_threads(args.threads)
@@ -189,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             "test": encode(task, te_scenes, te_records, texts, labels),
         }
         for fusion in args.fusions:
-            report["runs"].append({**run_one(task, fusion, data, args), "train_examples": len(tr_records)})
+            for facts in (False, True) if args.facts and task == "reasoning" else (False,):
+                run = run_one(task, fusion, data, args, facts)
+                report["runs"].append({**run, "train_examples": len(tr_records)})
     write_results(args.out, "fusion_oracle", report, markdown, plot)
     print(markdown(report))
     return 0

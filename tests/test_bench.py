@@ -335,15 +335,16 @@ def test_scenes_figure_shows_one_example_per_template(tmp_path, monkeypatch):
 def test_fusion_oracle_trains_the_students_head_on_perfect_embeddings(tmp_path):
     from bench import fusion_oracle
 
-    argv = ["--tasks", "reasoning", "--epochs", "2", "--train", "30", "--test", "10", "--out", str(tmp_path)]
+    argv = ["--tasks", "reasoning", "--epochs", "2", "--train", "30", "--test", "10", "--facts", "--out", str(tmp_path)]
     assert fusion_oracle.main(argv) == 0
     report = json.loads((tmp_path / "fusion_oracle.json").read_text())
-    assert [(r["task"], r["fusion"]) for r in report["runs"]] == [("reasoning", "concat"), ("reasoning", "product")]
+    runs = [(r["task"], r["fusion"]) for r in report["runs"]]
+    assert runs == [("reasoning", f) for f in ("concat", "concat + facts", "product", "product + facts")]
     for one in report["runs"]:
         assert [c["epoch"] for c in one["curve"]] == [1, 2]
         assert all(0.0 <= c["test_accuracy"] <= 1.0 and c["by_kind"] for c in one["curve"])
     assert (tmp_path / "fusion_oracle.png").stat().st_size > 0
-    assert "| reasoning | product |" in (tmp_path / "fusion_oracle.md").read_text()
+    assert "| reasoning | product + facts |" in (tmp_path / "fusion_oracle.md").read_text()
 
 
 def test_attention_figure_draws_teacher_and_students_and_measures_their_kl(tmp_path, monkeypatch):
