@@ -868,7 +868,7 @@ def test_a_lone_quick_item_runs_on_the_loop_and_a_slow_or_crowded_one_does_not()
     def fn(xs: list[int]) -> list[int]:
         threads.append(threading.current_thread().name)
         if xs[0] >= 100:
-            time.sleep(0.02)  # a slow model
+            time.sleep(0.3)  # a slow model
         return [x + 1 for x in xs]
 
     async def body(b: MicroBatcher[int, int]) -> list[int]:
@@ -880,12 +880,13 @@ def test_a_lone_quick_item_runs_on_the_loop_and_a_slow_or_crowded_one_does_not()
         first = await b.submit(1)  # how long a lone call takes is not known yet: the executor
         second = await b.submit(2)  # known to be quick, and alone: on the loop
         crowded = await asyncio.gather(late(3), late(4), b.submit(5))  # others on their way: coalesced
-        slow = [await b.submit(100), await b.submit(101)]  # its last lone call took 20 ms > 10 ms
+        slow = [await b.submit(100), await b.submit(101)]  # its last lone call took 300 ms > 100 ms
         return [first, second, *crowded, *slow]
 
     for enabled in (True, False):
         threads.clear()
-        results, calls = run_batcher(body, fn, max_batch=8, wait_s=1.0, queue_max=8, inline_max_s=0.01, enabled=enabled)
+        # 100 ms: a trivial call counts as quick even on a loaded machine (one took over 10 ms in a CI run)
+        results, calls = run_batcher(body, fn, max_batch=8, wait_s=1.0, queue_max=8, inline_max_s=0.1, enabled=enabled)
         assert results == [2, 3, 4, 5, 6, 101, 102]
         loop_thread = threading.current_thread().name  # asyncio.run runs the loop in this thread
         if enabled:
