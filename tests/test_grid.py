@@ -1,15 +1,19 @@
-"""The teacher's auxiliary grid losses: pooling patches into cells, the loss, and training with it."""
+"""The auxiliary grid losses: pooling patches into cells, the loss, easy-VQA's labels, and training with it."""
 
 from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
 from training import scene_language, train
+from training.data import load_data
+from training.easy_vqa import SHAPES, answer_type
 from training.evaluate import evaluate_dir
+from training.examples import GridSpec
 from training.grid import GridProbe, GridTrainee, SceneProbe
 from training.steps import StudentTrainingView
 from training.teacher import build_teacher, student_from_teacher
@@ -78,10 +82,12 @@ def test_teacher_cli_trains_with_the_grid_loss_on_scenes(tmp_path, monkeypatch, 
     capsys.readouterr()
     assert train.main(["teacher", *common, "--augment", "flip", "--grid-loss", "1", "--out", str(tmp_path / "x")]) != 0
     assert "--grid-loss needs --augment none" in capsys.readouterr().err
-    easy = ["--task", "vqa", "--data", "easy-vqa", "--max-train", "8", "--size", "tiny", "--epochs", "1"]
-    assert train.main(["teacher", *easy, "--augment", "none", "--grid-loss", "1", "--out", str(tmp_path / "y")]) != 0
+    easy = ["--data", "easy-vqa", "--max-train", "8", "--size", "tiny", "--epochs", "1", "--grid-loss", "1"]
+    assert train.main(["teacher", "--task", "itm", *easy, "--out", str(tmp_path / "y")]) != 0
     assert "needs data with grid labels" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # easy-VQA's one shape per image is a 1x1 grid: flips and shifts keep its label, so augmentation is allowed.
+    assert train.main(["teacher", "--task", "vqa", *easy, "--augment", "flip", "--out", str(tmp_path / "e")]) == 0
 
     # The student's scene probe: a product-fusion student distilled with it from that teacher.
     student = tmp_path / "student"
@@ -138,3 +144,22 @@ def test_the_students_fact_probe_reads_the_fusion_of_the_text_with_each_image():
     view.zero_grad(set_to_none=True)
     view(ids, mask, pixels, pixels2, False, cells)[3]["grid"].backward()
     assert student.fusion[0].weight.grad is None  # only the facts reach the fusion through the probe
+
+
+def test_easy_vqa_questions_carry_their_images_shape_class():
+    data = load_data("easy-vqa", "vqa")
+    assert data.grid == GridSpec(side=1, cell_classes=24)  # 8 colours x 3 shapes, one cell, no naming
+    colors = sorted({a for e in data.train for a in e.answers if answer_type(a) == "color"})
+    classes: dict[Path, int] = {}
+    checked = 0
+    for e in data.train:
+        (c,) = e.grid.cells[0]
+        assert e.grid.named is None and classes.setdefault(e.image, c) == c  # one class per image
+        answer = next(iter(e.answers))
+        if c >= 0 and e.question in ("what color is the shape?", "what shape is in the image?"):
+            told = colors[c // 3] if e.kind == "color" else SHAPES[c % 3]
+            assert told == answer, (e, c)
+            checked += 1
+    known = [c for c in classes.values() if c >= 0]
+    assert checked > 1000 and len(known) > 0.85 * len(classes) and set(known) == set(range(24))
+    assert set(classes.values()) - set(known) == {-100}  # images whose questions do not tell both

@@ -41,11 +41,13 @@ class ExampleDataset(Dataset):
             self.ids[:, 1], self.ids[:, 2:], self.mask[:, 2:] = text.tokenizer.token_to_id("[SEP]"), text.pad_id, 0
         self.targets = torch.tensor([target_of(e, labels) for e in self.examples])
         grids = [getattr(e, "grid", None) for e in self.examples]
-        self.grid = bool(grids) and all(g is not None for g in grids)  # synthetic scenes' free cell labels
+        self.grid = data.grid if grids and all(g is not None for g in grids) else None  # free cell labels
         if self.grid:
             self.cells = torch.tensor([g.cells for g in grids])  # (E, I, G*G) class ids
-            self.named = torch.tensor([g.named for g in grids], dtype=torch.uint8)  # (E, I, G*G)
-        self.facts = self.grid and all(g.facts is not None for g in grids)  # reasoning: each image's fact
+        self.named = bool(self.grid and self.grid.named_classes)  # the scenes: which cells the text names
+        if self.named:
+            self.named_ids = torch.tensor([g.named for g in grids], dtype=torch.uint8)  # (E, I, G*G)
+        self.facts = bool(self.grid) and all(g.facts is not None for g in grids)  # reasoning: each image's fact
         if self.facts:
             self.fact_ids = torch.tensor([g.facts for g in grids])  # (E, I) classes
         paths = sorted({p for e in self.examples for p in images_of(e)})
@@ -82,7 +84,9 @@ class ExampleDataset(Dataset):
         if len(images) == 2:
             item["pixels2"] = self.pixels(images[1])
         if self.grid:
-            item["cells"], item["named"] = self.cells[i], self.named[i]
+            item["cells"] = self.cells[i]
+        if self.named:
+            item["named"] = self.named_ids[i]
         if self.facts:
             item["facts"] = self.fact_ids[i]
         if isinstance(self.examples[i], PairExample):

@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 from types import ModuleType
 
-from training.examples import ITM_LABELS, PairExample, TaskData, VQAExample
+from training.examples import ITM_LABELS, GridLabels, GridSpec, PairExample, TaskData, VQAExample
 
 SHAPES = ("circle", "rectangle", "triangle")  # every other non-yes/no answer is a colour
 
@@ -30,13 +30,21 @@ def answer_type(answer: str) -> str:
 
 
 def load_easy_vqa() -> TaskData:
-    """The real easy-VQA splits as shipped in the package (one answer per question, score 1)."""
+    """The real easy-VQA splits as shipped in the package (one answer per question, score 1).
+
+    Each example also carries its image's one shape as a free label (`GridLabels` of a 1x1 grid: which of
+    the colour x shape classes it is, as `image_attributes` reads it from the split's own questions; -100,
+    left out of the loss, where they do not tell both), for the teacher's image rung (`--grid-loss`).
+    """
     easy_vqa = _package()
+    colors = sorted(set(easy_vqa.get_answers()) - set(SHAPES) - {"yes", "no"})
 
     def split(questions, image_paths) -> list[VQAExample]:
         texts, answers, image_ids = questions
+        attributes = image_attributes(questions, set(colors))
+        grids = {i: GridLabels.of([[shape_class(*attributes.get(i, (None, None)), colors)]]) for i in set(image_ids)}
         return [
-            VQAExample(image=Path(image_paths[i]), question=q, answers={a: 1.0}, kind=answer_type(a))
+            VQAExample(image=Path(image_paths[i]), question=q, answers={a: 1.0}, kind=answer_type(a), grid=grids[i])
             for q, a, i in zip(texts, answers, image_ids, strict=True)
         ]
 
@@ -46,7 +54,15 @@ def load_easy_vqa() -> TaskData:
         train=split(easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()),
         test=split(easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths()),
         name="easy-vqa",
+        grid=GridSpec(side=1, cell_classes=len(colors) * len(SHAPES)),
     )
+
+
+def shape_class(color: str | None, shape: str | None, colors: list[str]) -> int:
+    """The class of a coloured shape among colours x SHAPES; -100 (ignored by the loss) if either is unknown."""
+    if color is None or shape is None:
+        return -100
+    return colors.index(color) * len(SHAPES) + SHAPES.index(shape)
 
 
 def image_attributes(questions, colors: set[str]) -> dict[int, tuple[str | None, str | None]]:

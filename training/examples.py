@@ -12,25 +12,41 @@ ITM_LABELS = ("match",)  # image-text matching: one logit, whether the caption d
 
 
 @dataclass(frozen=True)
+class GridSpec:
+    """The shape of a dataset's free image labels (`GridLabels`): a side x side grid of cells, each of one of
+    `cell_classes` classes, and `named_classes` ways for the text to name a cell (0: the text names none)."""
+
+    side: int
+    cell_classes: int
+    named_classes: int = 0
+
+
+@dataclass(frozen=True)
 class GridLabels:
-    """What a synthetic scene's generator knows for free about each grid cell (raster order), per image:
-    the class of what the cell shows, and whether the text names the shape in it (0/1); for a reasoning
-    statement also its fact of each image (scene_language.pair_facts)."""
+    """What a dataset knows for free about each grid cell (raster order) of each image: the class of what
+    the cell shows (-100: unknown, left out of the loss), and for the scenes whether the text names the shape
+    in it; for a reasoning statement also its fact of each image (scene_language.pair_facts)."""
 
     cells: tuple[tuple[int, ...], ...]
-    named: tuple[tuple[int, ...], ...]
+    named: tuple[tuple[int, ...], ...] | None = None
     facts: tuple[int, ...] | None = None
 
     @classmethod
-    def of(cls, cells: list[list[int]], named: list[list[int]], facts: list[int] | None = None) -> GridLabels:
-        return cls(tuple(map(tuple, cells)), tuple(map(tuple, named)), None if facts is None else tuple(facts))
+    def of(
+        cls, cells: list[list[int]], named: list[list[int]] | None = None, facts: list[int] | None = None
+    ) -> GridLabels:
+        return cls(
+            tuple(map(tuple, cells)),
+            None if named is None else tuple(map(tuple, named)),
+            None if facts is None else tuple(facts),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
 class LabelledExample:
     """What an example of a labelled task may carry beside its inputs and label, given by keyword."""
 
-    grid: GridLabels | None = None  # synthetic scenes only
+    grid: GridLabels | None = None  # synthetic scenes and easy-VQA (TaskData.grid)
     kind: str = (
         ""  # the question or statement type, for accuracy by type (scenes: the template; easy-VQA: the answer type)
     )
@@ -89,6 +105,7 @@ class TaskData:
     test: list[Example]
     name: str = ""
     meta: dict = field(default_factory=dict)
+    grid: GridSpec | None = None  # what the examples' GridLabels hold, where they have them
 
 
 def text_of(ex: Example) -> str:

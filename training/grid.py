@@ -29,14 +29,15 @@ from torch import Tensor, nn
 
 
 class GridProbe(nn.Module):
-    """Two linear read-outs over the patch tokens pooled into the scene's grid cells, and with `fact_classes`
-    one over each image's pooled output (two-image statements)."""
+    """Linear read-outs over the patch tokens pooled into the image's grid cells: what each cell shows and,
+    with `named_classes`, whether the text names it; with `fact_classes` one over each image's pooled output
+    (two-image statements)."""
 
     def __init__(self, hidden: int, cell_classes: int, named_classes: int, grid: int, fact_classes: int = 0) -> None:
         super().__init__()
         self.grid = grid
         self.cell = nn.Linear(hidden, cell_classes)
-        self.named = nn.Linear(hidden, named_classes)
+        self.named = nn.Linear(hidden, named_classes) if named_classes else None
         self.fact = nn.Linear(hidden, fact_classes) if fact_classes else None
 
     def cells_of(self, patches: Tensor) -> Tensor:
@@ -48,12 +49,13 @@ class GridProbe(nn.Module):
         x = patches.transpose(1, 2).reshape(b, d, side, side)
         return F.adaptive_avg_pool2d(x, self.grid).flatten(2).transpose(1, 2)
 
-    def loss(self, patches: Tensor, cells: Tensor, named: Tensor) -> Tensor:
+    def loss(self, patches: Tensor, cells: Tensor, named: Tensor | None) -> Tensor:
         """patches (B, I, N, D) per image; cells and named (B, I, G*G) class ids."""
         x = self.cells_of(patches.flatten(0, 1))  # (B*I, G*G, D)
-        cell_loss = F.cross_entropy(self.cell(x).flatten(0, 1), cells.flatten())
-        named_loss = F.cross_entropy(self.named(x).flatten(0, 1), named.flatten().long())
-        return cell_loss + named_loss
+        loss = F.cross_entropy(self.cell(x).flatten(0, 1), cells.flatten())
+        if self.named is not None:
+            loss = loss + F.cross_entropy(self.named(x).flatten(0, 1), named.flatten().long())
+        return loss
 
     def fact_loss(self, pooled: Tensor, facts: Tensor) -> Tensor:
         """pooled (B, I, D) each image's pooled output; facts (B, I) class ids."""
@@ -79,7 +81,7 @@ class GridTrainee(nn.Module):
         attention_mask: Tensor,
         pixel_values: Tensor,
         cells: Tensor,
-        named: Tensor,
+        named: Tensor | None,
         facts: Tensor | None = None,
     ):
         out = self.model(

@@ -21,6 +21,7 @@ from training.examples import (
     REASONING_LABELS,
     EntailmentExample,
     GridLabels,
+    GridSpec,
     PairExample,
     ReasoningExample,
     TaskData,
@@ -35,7 +36,15 @@ from training.scene_language import (
 )
 from training.scene_render import render_scene
 from training.scene_splits import make_split
-from training.scene_world import Description, cell_classes, named_cells, shapes_of_cells
+from training.scene_world import (
+    CELL_CLASSES,
+    GRID,
+    NAMED_CLASSES,
+    Description,
+    cell_classes,
+    named_cells,
+    shapes_of_cells,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +128,11 @@ def _read_split(directory: Path, task: str, split: str) -> list:
     with open(directory / f"{split}.jsonl") as f:
         for line in f:
             r = json.loads(line)
-            grid = GridLabels.of(r["cells"], r["named"]) if "cells" in r else None
-            if grid is not None and task == "reasoning":
-                left, right = (shapes_of_cells(c) for c in r["cells"])
-                grid = GridLabels.of(r["cells"], r["named"], pair_facts(r["statement"], left, right))
+            grid = None
+            if "cells" in r:
+                shapes = [shapes_of_cells(c) for c in r["cells"]] if task == "reasoning" else None
+                facts = pair_facts(r["statement"], *shapes) if shapes else None
+                grid = GridLabels.of(r["cells"], r["named"], facts)
             if task == "vqa":
                 kind = VQA_QUESTIONS[r["question"]][0]
                 examples.append(
@@ -168,4 +178,5 @@ def load_scenes(task: str, *, train: int | None = None, test: int | None = None,
         test=_read_split(directory, task, "test"),
         name="scenes",
         meta={"train_images": train, "test_images": test, "seed": seed, "directory": str(directory)},
+        grid=None if task == "itm" else GridSpec(GRID, CELL_CLASSES, NAMED_CLASSES),  # pairs carry no cell labels
     )

@@ -132,7 +132,7 @@ def teacher_step(teacher: nn.Module, wrapper: Teacher, batch: dict[str, Tensor],
         pixels = torch.stack([pixels, batch["pixels2"]], dim=1)
     parts = {}
     if isinstance(getattr(teacher, "module", teacher), GridTrainee):
-        logits, grid = teacher(ids, mask, pixels, batch["cells"], batch["named"], batch.get("facts"))
+        logits, grid = teacher(ids, mask, pixels, batch["cells"], batch.get("named"), batch.get("facts"))
         parts["grid"] = w_grid * grid
     else:
         logits = teacher(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits

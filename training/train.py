@@ -36,7 +36,6 @@ from training.examples import TASKS, Example, PairExample, TaskData, text_of
 from training.grid import GridProbe, GridTrainee, SceneProbe
 from training.loop import HEAD_LR_MULT, train_loop
 from training.scene_language import FACT_CLASSES
-from training.scene_world import CELL_CLASSES, GRID, NAMED_CLASSES
 from training.steps import StudentTrainingView, distill_step, loss_weights, teacher_step
 from training.student import FUSIONS, DualEncoderStudent, save_student
 from training.teacher import (
@@ -101,7 +100,10 @@ def cmd_teacher(args) -> int:
     if args.grid_loss > 0:
         require_grid_labels(train_set, spec, args.augment)
         facts = FACT_CLASSES if train_set.facts else 0  # reasoning: each image's fact, read from its pooled output
-        model = GridTrainee(model, GridProbe(teacher.config.hidden_size, CELL_CLASSES, NAMED_CLASSES, GRID, facts))
+        g = train_set.grid
+        model = GridTrainee(
+            model, GridProbe(teacher.config.hidden_size, g.cell_classes, g.named_classes, g.side, facts)
+        )
 
     def step_fn(m, batch):
         return teacher_step(m, teacher, batches(batch), args.label_smoothing, args.grid_loss)
@@ -111,11 +113,12 @@ def cmd_teacher(args) -> int:
 
 
 def require_grid_labels(train_set: ExampleDataset, spec: str, augment: str) -> None:
-    """--grid-loss needs the scenes' per-cell labels, and shapes left in their cells."""
+    """--grid-loss needs free image labels (the scenes' cells, easy-VQA's one shape), and on a grid of
+    cells the shapes left in them."""
     if not train_set.grid:
-        raise ValueError(f"--grid-loss needs data with grid labels (--data scenes), not {spec!r}")
-    if augment != "none":
-        raise ValueError("--grid-loss needs --augment none: shifts and flips move shapes out of their cells")
+        raise ValueError(f"--grid-loss needs data with grid labels (--data scenes or easy-vqa), not {spec!r}")
+    if augment != "none" and train_set.grid.side > 1:
+        raise ValueError("--grid-loss needs --augment none here: shifts and flips move shapes out of their cells")
 
 
 def training_settings(args) -> dict:
@@ -157,7 +160,8 @@ def cmd_distill(args) -> int:
         raise ValueError("--fact-loss needs --grid-loss > 0: the facts are read by the scene probe")
     if w.grid > 0:
         require_grid_labels(train_set, args.data or teacher.data, args.augment)
-        probe = SceneProbe(student.config.hidden_size, CELL_CLASSES, GRID, FACT_CLASSES if w.facts > 0 else 0)
+        g = train_set.grid
+        probe = SceneProbe(student.config.hidden_size, g.cell_classes, g.side, FACT_CLASSES if w.facts > 0 else 0)
     device = setup_distributed()
     teacher.model.to(device)
 
