@@ -121,8 +121,10 @@ def run_dataset(name: str, args, work: Path) -> dict:
         for variant in args.variants:
             out = d / variant
             s_argv = ["distill", "--task", task, "--teacher", str(teacher), "--out", str(out),
-                      "--epochs", str(args.student_epochs), "--seed", str(seed),
-                      *common, *(a.format(stage1=stage1 and stage1[1]) for a in VARIANTS[variant])]  # fmt: skip
+                      "--epochs", str(args.student_epochs), "--seed", str(seed), *common, *args.student_flags.split(),
+                      *(a.format(stage1=stage1 and stage1[1]) for a in VARIANTS[variant])]  # fmt: skip
+            if args.patience:
+                s_argv += ["--eval-every", "1", "--eval-limit", str(args.eval_limit), "--patience", str(args.patience)]
             if args.collect and not out.exists():
                 continue
             seconds = train(s_argv, out)
@@ -132,6 +134,9 @@ def run_dataset(name: str, args, work: Path) -> dict:
                 "train_seconds": seconds,
                 "command": "dide-train " + " ".join(s_argv),
             }
+            stopping = out.with_name(out.name + ".stopping.json")  # --patience: the epoch kept, of how many
+            if stopping.is_file():
+                result["stopping"] = json.loads(stopping.read_text())
             rows["runs"].setdefault(variant, []).append(result)
             log.info("%s %s seed %d: accuracy %.4f", name, variant, seed, result["accuracy"])
     for col, runs in rows["runs"].items():
@@ -167,9 +172,17 @@ def markdown(report: dict) -> str:
     teacher = (
         f"teacher `{report['teacher']}`" if report.get("teacher") else f"teacher {report['teacher_epochs']} epochs"
     )
+    students = f"{report['student_epochs']} epochs"
+    if report.get("patience"):
+        students = (
+            f"trained until their accuracy on the first {report['eval_limit']} test examples, measured after every "
+            f"epoch, did not improve for {report['patience']} epoch(s) in a row (at most {report['student_epochs']}"
+            " epochs; the best epoch kept)"
+        )
+    flags = f" (`{report['student_flags']}`)" if report.get("student_flags") else ""
     lines = [
-        f"Test accuracy, size `{report['size']}`, {teacher}, students "
-        f"{report['student_epochs']} epochs, {report['max_train'] or 'all'} training examples per task, "
+        f"Test accuracy, size `{report['size']}`, {teacher}, students{flags} "
+        f"{students}, {report['max_train'] or 'all'} training examples per task, "
         f"{report['seeds']} seed(s) (mean; [min, max] over seeds when > 1). "
         f"Measured {report['date']} on {report['machine']['cpu']} ({report['machine']['cores']} cores); "
         f"`{report['command']}`.",
@@ -188,6 +201,14 @@ def markdown(report: dict) -> str:
             else:
                 cells.append(f"{s['mean']:.3f}")
         lines.append(f"| {name} | {rows['task']} | " + " | ".join(cells) + " |")
+    kept = {
+        (name, c): [r["stopping"]["epoch"] for r in runs if "stopping" in r]
+        for name, rows in report["datasets"].items()
+        for c, runs in rows["runs"].items()
+    }
+    if any(kept.values()):
+        lines += ["", "Epoch kept per seed (steps per epoch: the training examples / the batch size):", ""]
+        lines += [f"- {name}, {COLUMNS[c]}: {', '.join(map(str, e))}" for (name, c), e in kept.items() if e]
     if report.get("two_stage"):
         lines += [
             "",
@@ -233,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-epochs", type=int, default=2, help="student training epochs")
     p.add_argument("--seeds", type=int, default=1, help="seeds per configuration")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    p.add_argument("--student-flags", default="", help="more `dide-train distill` flags for every student")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        help="train students until K epochs in a row do not improve (--student-epochs: a cap)",
+    )
+    p.add_argument("--eval-limit", type=int, default=1000, help="--patience: test examples evaluated after each epoch")
     p.add_argument("--max-train", type=int, default=None, help="train on a seeded subset of N examples per task")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (1 is robust on a busy machine)")
     p.add_argument("--work", default="runs/accuracy", help="where models are trained and kept")
@@ -281,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "teacher_epochs": args.teacher_epochs,
         "student_epochs": args.student_epochs,
+        "student_flags": args.student_flags,
+        "patience": args.patience,
+        "eval_limit": args.eval_limit,
         "seeds": args.seeds,
         "max_train": args.max_train,
         "variants": args.variants,
@@ -307,7 +339,8 @@ def write_report(report: dict, out: Path, name: str, readme: str | None = None) 
 
 def merge(reports: list[dict]) -> dict:
     """Reports of the same settings run as separate processes (e.g. one per dataset) as one report."""
-    settings = ("size", "teacher_epochs", "student_epochs", "seeds", "max_train", "two_stage", "teacher")
+    settings = ("size", "teacher_epochs", "student_epochs", "student_flags", "patience", "seeds", "max_train")
+    settings += ("two_stage", "teacher")
     first = reports[0]
     for r in reports[1:]:
         differ = [k for k in settings if r.get(k) != first.get(k)]

@@ -82,6 +82,29 @@ def test_a_given_teacher_is_used_not_trained_and_seeds_vary_the_students(tmp_pat
     assert again["datasets"]["scenes-vqa"]["runs"] == runs
 
 
+def test_students_with_extra_flags_train_until_accuracy_stops_improving(tmp_path, monkeypatch):
+    from training.train import main as dide_train
+
+    monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
+    teacher = tmp_path / "given-teacher"
+    data = "scenes:train=4,test=16,seed=0"
+    assert dide_train(["teacher", "--task", "vqa", "--data", data, "--size", "tiny", "--epochs", "1",
+                       "--batch-size", "8", "--out", str(teacher)]) == 0  # fmt: skip
+    out = tmp_path / "results"
+    argv = ["--datasets", "scenes-vqa", "--variants", "dide", "--size", "tiny", "--teacher", str(teacher),
+            "--scenes", data, "--student-epochs", "3", "--batch-size", "8", "--patience", "1", "--eval-limit", "16",
+            "--student-flags", "--fusion product --dropout 0",
+            "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
+    assert accuracy.main(argv) == 0
+    report = json.loads((out / "accuracy.json").read_text())
+    (run,) = report["datasets"]["scenes-vqa"]["runs"]["dide"]
+    assert "--fusion product --dropout 0" in run["command"] and "--patience 1" in run["command"]
+    assert 1 <= run["stopping"]["epoch"] <= run["stopping"]["epochs_run"] <= 3
+    text = (out / "accuracy.md").read_text()
+    assert "did not improve for 1 epoch(s) in a row (at most 3 epochs" in text
+    assert f"scenes-vqa, DiDE (pred + attn KD): {run['stopping']['epoch']}" in text
+
+
 def report(dataset: str, accuracy_: float, **settings) -> dict:
     run = {"seed": 0, "accuracy": accuracy_, "n": 10, "command": f"dide-train ... {dataset}"}
     return {

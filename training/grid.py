@@ -14,6 +14,9 @@ NLVR2 head concatenates) for the statement's fact of that image: how many of the
 whether the named relation holds in it (scene_language.pair_facts). The head then only has to compare two
 facts; without it, the teacher had to find the per-image facts from the pair's true/false label alone, and
 sat at chance for an unpredictable part of its training (README, Results).
+easy-VQA gets the first rung only, on a grid of one cell: its image's one coloured shape (24 classes), read
+from the split's own questions (easy_vqa.load_easy_vqa); there the teacher's shape questions left chance only
+with it (README, Results).
 The probe is a training aid only: the saved teacher is a plain Hugging Face ViLT.
 
 The student gets the image rung once more (`SceneProbe`): a dual encoder sees an image only through its

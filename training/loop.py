@@ -89,8 +89,53 @@ def load_resume(path: Path, model: nn.Module, optimizer, scheduler, run: dict) -
     return state["epoch"], state["step"]
 
 
+class EarlyStop:
+    """Training until the periodic test accuracy stops improving (`--patience K`): stop after K evaluations in a
+    row none of which beats the best so far, and keep the best model. `--epochs` is then a cap (the learning
+    rate still decays over it). The best model is copied to OUT.best when it is evaluated (atomically), moved
+    back to OUT at the end, and what was kept is written to OUT.stopping.json."""
+
+    def __init__(self, out: Path, patience: int) -> None:
+        self.out, self.patience = out, patience
+        self.best_dir = out.with_name(out.name + ".best")
+        self.best: dict | None = None
+        self.waited = 0
+
+    def update(self, accuracy: float, epoch: int, step: int) -> bool:
+        """Record one evaluation of the model just saved to OUT; whether to stop."""
+        if self.best is None or accuracy > self.best["accuracy"]:
+            atomic_directory(self.best_dir, lambda tmp: shutil.copytree(self.out, tmp, dirs_exist_ok=True))
+            self.best, self.waited = {"accuracy": accuracy, "epoch": epoch, "step": step}, 0
+        else:
+            self.waited += 1
+        return self.waited >= self.patience
+
+    def finish(self, epochs_run: int, steps_run: int) -> None:
+        """Put the best model in OUT and say what was kept."""
+        atomic_directory(self.out, lambda tmp: shutil.copytree(self.best_dir, tmp, dirs_exist_ok=True))
+        shutil.rmtree(self.best_dir, ignore_errors=True)
+        record = {**self.best, "patience": self.patience, "epochs_run": epochs_run, "steps_run": steps_run}
+        self.out.with_name(self.out.name + ".stopping.json").write_text(json.dumps(record) + "\n")
+        log.info("kept epoch %d (step %d): accuracy %.4f, after %d epochs", self.best["epoch"], self.best["step"],
+                 self.best["accuracy"], epochs_run)  # fmt: skip
+
+
+def stop_agreed(stop: bool) -> bool:
+    """Rank 0's decision, on every rank (so all leave the loop together)."""
+    if not dist.is_initialized():
+        return stop
+    flag = torch.tensor([int(stop)])
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
 def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_fn) -> None:
-    """The one loop: AdamW, warm-up + linear decay, DDP, progress, periodic resumable checkpoints."""
+    """The one loop: AdamW, warm-up + linear decay, DDP, progress, periodic resumable checkpoints, and with
+    --patience training until the test accuracy stops improving (EarlyStop)."""
+    patience = getattr(args, "patience", 0)
+    if patience and not args.eval_every:
+        raise ValueError("--patience needs --eval-every N: it stops on the periodic test accuracy")
+    early = EarlyStop(Path(args.out), patience) if patience and is_main() else None
     device = setup_distributed()
     model.to(device)
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -148,14 +193,23 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
                     scheduler.get_last_lr()[0],
                     time.time() - t0,
                 )
+        stop = False
         if is_main():
             save_resume(resume_dir, model, optimizer, scheduler, epoch + 1, step, run_fingerprint(args))
-            if args.eval_every and (epoch + 1) % args.eval_every == 0 and epoch + 1 < args.epochs:
+            due = args.eval_every and (epoch + 1) % args.eval_every == 0
+            if due and (epoch + 1 < args.epochs or early):  # the last model is evaluated by `eval`, unless stopping
                 save_fn()
-                log.info("epoch %d: %s", epoch + 1, json.dumps(evaluate_dir(args.out, limit=args.eval_limit)))
+                result = evaluate_dir(args.out, limit=args.eval_limit)
+                log.info("epoch %d: %s", epoch + 1, json.dumps(result))
+                stop = early is not None and early.update(result["accuracy"], epoch + 1, step)
         if dist.is_initialized():
             dist.barrier()
+        if stop_agreed(stop):
+            break
     if is_main():
-        save_fn()
+        if early is not None and early.best is not None:
+            early.finish(epoch + 1, step)
+        else:
+            save_fn()
         shutil.rmtree(resume_dir, ignore_errors=True)
         log.info("trained %d steps in %.1fs; saved %s", step, time.time() - t0, args.out)

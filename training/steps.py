@@ -21,7 +21,7 @@ class LossWeights:
     attn: float = 1.0
     t2i: bool = True
     i2t: bool = True
-    grid: float = 0.0  # the scene probe on the pooled image embeddings (scenes only; grid.SceneProbe)
+    grid: float = 0.0  # the scene probe on the pooled image embeddings (scenes, easy-VQA; grid.SceneProbe)
     facts: float = 0.0  # its read-out of each image's fact from the fusion (reasoning scenes only)
 
 

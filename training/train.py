@@ -246,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--log-every", type=int, default=50, help="log a line every N steps")
         sp.add_argument("--eval-every", type=int, default=0, help="evaluate on the test split every N epochs")
         sp.add_argument("--eval-limit", type=int, default=2000, help="examples for the periodic evaluation")
+        sp.add_argument(
+            "--patience",
+            type=int,
+            default=0,
+            help="stop once K periodic evaluations in a row do not beat the best, keeping the best (--epochs: a cap)",
+        )
         sp.add_argument("--restart", action="store_true", help="ignore an interrupted run's resume state")
         sp.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
 
@@ -264,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid-loss",
         type=float,
         default=0.0,
-        help="weight of the auxiliary grid losses on scenes (what each cell shows, which cells the text names)",
+        help="weight of the auxiliary grid losses: what each cell shows (scenes: 4x4 cells; easy-VQA: the one "
+        "coloured shape) and on the scenes which cells the text names",
     )
 
     def distillation(sp: argparse.ArgumentParser) -> None:
@@ -294,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--grid-loss",
             type=float,
             default=0.0,
-            help="weight of the scene probe on scenes: every cell's class read from the pooled image embedding",
+            help="weight of the scene probe (scenes, easy-VQA): each cell's class read from the pooled image embedding",
         )
         sp.add_argument(
             "--fact-loss",
