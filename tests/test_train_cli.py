@@ -98,19 +98,25 @@ def test_patience_stops_when_accuracy_stops_improving_and_keeps_the_best(vqa_tea
     argv[argv.index("--epochs") + 1] = "6"
     assert main([*argv, "--patience", "2"]) == 2
     assert "--patience needs --eval-every" in capsys.readouterr().err
-    scripted = iter([0.5, 0.7, 0.6, 0.65, 0.9, 0.95])  # best after epoch 2, then two evaluations below it
+    # Best after epoch 2; killed during epoch 3's evaluation; then two evaluations below the best.
+    scripted = iter([0.5, 0.7, KeyboardInterrupt, 0.6, 0.65, 0.9])
     weights = []
 
     def evaluate(model_dir, limit):  # the saved model's weights at each evaluation, and a scripted accuracy
         weights.append((Path(model_dir) / "model.safetensors").read_bytes())
-        return {"accuracy": next(scripted), "n": limit}
+        accuracy = next(scripted)
+        if accuracy is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return {"accuracy": accuracy, "n": limit}
 
     monkeypatch.setattr("training.loop.evaluate_dir", evaluate)
-    assert main([*argv, "--eval-every", "1", "--patience", "2"]) == 0
-    assert len(weights) == 4  # stopped after epoch 4 of at most 6
-    assert (out / "model.safetensors").read_bytes() == weights[1] != weights[3]  # epoch 2's model kept
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--eval-every", "1", "--patience", "2"])
+    assert main([*argv, "--eval-every", "1", "--patience", "2"]) == 0  # resumes after epoch 3, still counting
+    assert len(weights) == 5  # stopped after epoch 5 of at most 6: the best so far survived the kill
+    assert (out / "model.safetensors").read_bytes() == weights[1] != weights[4]  # epoch 2's model kept
     kept = json.loads((tmp_path / "s.stopping.json").read_text())
-    assert kept["epoch"] == 2 and kept["accuracy"] == 0.7 and kept["epochs_run"] == 4 and kept["patience"] == 2
+    assert kept["epoch"] == 2 and kept["accuracy"] == 0.7 and kept["epochs_run"] == 5 and kept["patience"] == 2
     assert 0 < kept["step"] < kept["steps_run"]
     assert not (tmp_path / "s.best").exists() and not (tmp_path / "s.resume").exists()
     assert load_student(out).model.config.task == "vqa"

@@ -59,8 +59,11 @@ def run_fingerprint(args) -> dict:
     return {k: getattr(args, k, None) for k in RESUME_KEYS}
 
 
-def save_resume(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, step: int, run: dict) -> None:
-    """Model + optimizer state for resuming; written to a temp dir and renamed (never half-written)."""
+def save_resume(
+    path: Path, model: nn.Module, optimizer, scheduler, epoch: int, step: int, run: dict, early: dict | None = None
+) -> None:
+    """Model + optimizer state (and --patience's record) for resuming; written to a temp dir and renamed (never
+    half-written)."""
     model = getattr(model, "module", model)
 
     def write(tmp: Path) -> None:
@@ -68,12 +71,12 @@ def save_resume(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, 
             {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors")
         )
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "step": step, "run": run}))
+        (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "step": step, "run": run, "early": early}))
 
     atomic_directory(path, write)
 
 
-def load_resume(path: Path, model: nn.Module, optimizer, scheduler, run: dict) -> tuple[int, int]:
+def load_resume(path: Path, model: nn.Module, optimizer, scheduler, run: dict) -> tuple[int, int, dict | None]:
     state = json.loads((path / "state.json").read_text())
     if state.get("run") != run:
         changed = sorted(k for k in run if state.get("run", {}).get(k) != run[k])
@@ -86,7 +89,7 @@ def load_resume(path: Path, model: nn.Module, optimizer, scheduler, run: dict) -
     opt = torch.load(path / "optim.pt", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    return state["epoch"], state["step"]
+    return state["epoch"], state["step"], state.get("early")
 
 
 class EarlyStop:
@@ -100,6 +103,14 @@ class EarlyStop:
         self.best_dir = out.with_name(out.name + ".best")
         self.best: dict | None = None
         self.waited = 0
+
+    def state(self) -> dict:
+        """What a resumed run needs to go on counting (kept in the resume state)."""
+        return {"best": self.best, "waited": self.waited}
+
+    def restore(self, state: dict | None) -> None:
+        if state:
+            self.best, self.waited = state["best"], state["waited"]
 
     def update(self, accuracy: float, epoch: int, step: int) -> bool:
         """Record one evaluation of the model just saved to OUT; whether to stop."""
@@ -158,7 +169,9 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
     resume_dir = Path(args.out).with_name(Path(args.out).name + ".resume")
     epoch0, step = 0, 0
     if resume_dir.is_dir() and not args.restart:
-        epoch0, step = load_resume(resume_dir, model, optimizer, scheduler, run_fingerprint(args))
+        epoch0, step, early_state = load_resume(resume_dir, model, optimizer, scheduler, run_fingerprint(args))
+        if early is not None:
+            early.restore(early_state)
         if is_main():
             log.info("resuming from %s at epoch %d, step %d", resume_dir, epoch0, step)
     ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
@@ -195,7 +208,8 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
                 )
         stop = False
         if is_main():
-            save_resume(resume_dir, model, optimizer, scheduler, epoch + 1, step, run_fingerprint(args))
+            record = early.state() if early else None  # as of the evaluations before this epoch's
+            save_resume(resume_dir, model, optimizer, scheduler, epoch + 1, step, run_fingerprint(args), record)
             due = args.eval_every and (epoch + 1) % args.eval_every == 0
             if due and (epoch + 1 < args.epochs or early):  # the last model is evaluated by `eval`, unless stopping
                 save_fn()
