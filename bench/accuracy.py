@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "command": "python -m bench.accuracy " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench.accuracy " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "size": args.size,

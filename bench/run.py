@@ -320,8 +320,10 @@ def accuracy_targets(reports: list[tuple[str, dict]]) -> list[dict]:
             if "teacher" not in s:
                 continue
             examples = f"{report['max_train']:,}" if report.get("max_train") else "all"
-            epochs = report.get("student_epochs")
-            label = f"{name} ({report_name}.json: {report.get('size')}, students {examples} examples x {epochs} epochs)"
+            epochs = f"{report.get('student_epochs')} epochs"
+            if report.get("patience"):
+                epochs = f"until no gain for {report['patience']} epoch(s), at most {epochs}"
+            label = f"{name} ({report_name}.json: {report.get('size')}, students {examples} examples x {epochs})"
             why = uninformative(d)
             if why:
                 skipped[label] = why
