@@ -128,6 +128,22 @@ def test_scene_probe_reads_every_cell_from_the_pooled_vector():
     assert (probe.read(pooled).view(5, 4, 3).argmax(-1) == cells).all()
 
 
+def test_unknown_cells_are_left_out_of_the_probe_losses_even_a_whole_batch_of_them():
+    torch.manual_seed(0)
+    probe = SceneProbe(hidden=8, cell_classes=3, grid=1)
+    pooled, cells = torch.randn(4, 8), torch.tensor([[0], [-100], [2], [-100]])
+    known = torch.tensor([0, 2])
+    want = torch.nn.functional.cross_entropy(probe.read(pooled)[known], cells[known, 0])
+    torch.testing.assert_close(probe.loss(pooled, cells), want)
+    unknown = torch.full((4, 1), -100)  # e.g. a batch of easy-VQA images whose questions tell no class
+    loss = probe.loss(pooled, unknown)
+    assert loss.item() == 0.0  # not 0/0
+    loss.backward()
+    assert probe.read.weight.grad.abs().sum() == 0
+    teacher_probe = GridProbe(hidden=8, cell_classes=3, named_classes=0, grid=1)
+    assert teacher_probe.loss(torch.randn(4, 1, 16, 8), unknown[:, None], None).item() == 0.0
+
+
 def test_the_students_fact_probe_reads_the_fusion_of_the_text_with_each_image():
     tok = train_wordpiece(["both images contain a red circle."] * 3)
     teacher = build_teacher("tiny", "reasoning", ["False", "True"], tok, "test")

@@ -22,6 +22,11 @@ def _package() -> ModuleType:
     return easy_vqa
 
 
+def _colors(easy_vqa: ModuleType) -> set[str]:
+    """easy-VQA's colour answers: every answer that is neither yes/no nor a shape."""
+    return set(easy_vqa.get_answers()) - set(SHAPES) - {"yes", "no"}
+
+
 def answer_type(answer: str) -> str:
     """easy-VQA's three question types, told by the answer: yes/no, a shape, or a colour."""
     if answer in ("yes", "no"):
@@ -37,7 +42,7 @@ def load_easy_vqa() -> TaskData:
     left out of the loss, where they do not tell both), for the teacher's image rung (`--grid-loss`).
     """
     easy_vqa = _package()
-    colors = sorted(set(easy_vqa.get_answers()) - set(SHAPES) - {"yes", "no"})
+    colors = sorted(_colors(easy_vqa))
 
     def split(questions, image_paths) -> list[VQAExample]:
         texts, answers, image_ids = questions
@@ -114,7 +119,7 @@ def _pairs(questions, image_paths, colors: set[str], split: str) -> list[PairExa
 def load_easy_vqa_pairs() -> TaskData:
     """easy-VQA's images with captions of their shape (images whose questions tell neither are left out)."""
     easy_vqa = _package()
-    colors = set(easy_vqa.get_answers()) - set(SHAPES) - {"yes", "no"}
+    colors = _colors(easy_vqa)
     return TaskData(
         task="itm",
         labels=list(ITM_LABELS),

@@ -31,6 +31,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def cell_loss(logits: Tensor, cells: Tensor) -> Tensor:
+    """Cross-entropy over the cells whose class is known (-100: unknown, e.g. an easy-VQA image whose questions
+    do not tell its colour and shape); 0 when a batch has none, where the mean would be 0/0."""
+    known = cells != -100
+    if not known.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[known], cells[known])
+
+
 class GridProbe(nn.Module):
     """Linear read-outs over the patch tokens pooled into the image's grid cells: what each cell shows and,
     with `named_classes`, whether the text names it; with `fact_classes` one over each image's pooled output
@@ -55,7 +64,7 @@ class GridProbe(nn.Module):
     def loss(self, patches: Tensor, cells: Tensor, named: Tensor | None) -> Tensor:
         """patches (B, I, N, D) per image; cells and named (B, I, G*G) class ids."""
         x = self.cells_of(patches.flatten(0, 1))  # (B*I, G*G, D)
-        loss = F.cross_entropy(self.cell(x).flatten(0, 1), cells.flatten())
+        loss = cell_loss(self.cell(x).flatten(0, 1), cells.flatten())
         if self.named is not None:
             loss = loss + F.cross_entropy(self.named(x).flatten(0, 1), named.flatten().long())
         return loss
@@ -117,7 +126,7 @@ class SceneProbe(nn.Module):
 
     def loss(self, pooled: Tensor, cells: Tensor) -> Tensor:
         """pooled (B, D), one image's embedding per example; cells (B, G*G) its cells' class ids."""
-        return F.cross_entropy(self.read(pooled).view(-1, self.cell_classes), cells.flatten())
+        return cell_loss(self.read(pooled).view(-1, self.cell_classes), cells.flatten())
 
     def fact_loss(self, fused: Tensor, facts: Tensor) -> Tensor:
         """fused (B, D), the fusion of the text with one image; facts (B,) that image's fact class."""
