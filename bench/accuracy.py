@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         write_report(report, Path(args.out), args.name, args.readme)
         print(markdown(report))
         return 0
+    if args.patience < 0 or args.eval_limit < 1:
+        p.error("--patience must be >= 0 and --eval-limit >= 1")
     if args.teacher and (len(args.datasets) != 1 or args.two_stage):
         p.error("--teacher takes one dataset and no --two-stage")
     if args.teacher and not Path(args.teacher).is_dir():

@@ -98,6 +98,8 @@ def test_patience_stops_when_accuracy_stops_improving_and_keeps_the_best(vqa_tea
     argv[argv.index("--epochs") + 1] = "6"
     assert main([*argv, "--patience", "2"]) == 2
     assert "--patience needs --eval-every" in capsys.readouterr().err
+    assert main([*argv, "--eval-every", "1", "--patience", "-1"]) == 2
+    assert "--patience must be 0 (off) or a number of evaluations, got -1" in capsys.readouterr().err
     # Best after epoch 2; killed during epoch 3's evaluation; then two evaluations below the best.
     scripted = iter([0.5, 0.7, KeyboardInterrupt, 0.6, 0.65, 0.9])
     weights = []
@@ -120,6 +122,9 @@ def test_patience_stops_when_accuracy_stops_improving_and_keeps_the_best(vqa_tea
     assert 0 < kept["step"] < kept["steps_run"]
     assert not (tmp_path / "s.best").exists() and not (tmp_path / "s.resume").exists()
     assert load_student(out).model.config.task == "vqa"
+    argv[argv.index("--epochs") + 1] = "1"
+    assert main(argv) == 0  # a run without --patience: the earlier run's record no longer applies
+    assert not (tmp_path / "s.stopping.json").exists()
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

@@ -131,11 +131,11 @@ class EarlyStop:
                  self.best["accuracy"], epochs_run)  # fmt: skip
 
 
-def stop_agreed(stop: bool) -> bool:
-    """Rank 0's decision, on every rank (so all leave the loop together)."""
+def stop_agreed(stop: bool, device: torch.device) -> bool:
+    """Rank 0's decision, on every rank (so all leave the loop together); on `device` for NCCL."""
     if not dist.is_initialized():
         return stop
-    flag = torch.tensor([int(stop)])
+    flag = torch.tensor([int(stop)], device=device)
     dist.broadcast(flag, src=0)
     return bool(flag.item())
 
@@ -143,11 +143,15 @@ def stop_agreed(stop: bool) -> bool:
 def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_fn) -> None:
     """The one loop: AdamW, warm-up + linear decay, DDP, progress, periodic resumable checkpoints, and with
     --patience training until the test accuracy stops improving (EarlyStop)."""
-    patience = getattr(args, "patience", 0)
-    if patience and not args.eval_every:
+    if args.patience < 0:
+        raise ValueError(f"--patience must be 0 (off) or a number of evaluations, got {args.patience}")
+    if args.patience and not args.eval_every:
         raise ValueError("--patience needs --eval-every N: it stops on the periodic test accuracy")
-    early = EarlyStop(Path(args.out), patience) if patience and is_main() else None
-    device = setup_distributed()
+    device = setup_distributed()  # before is_main(): every process is rank 0 until then
+    out = Path(args.out)
+    if is_main():  # a record of an earlier run's early stop says nothing about this one
+        out.with_name(out.name + ".stopping.json").unlink(missing_ok=True)
+    early = EarlyStop(out, args.patience) if args.patience and is_main() else None
     model.to(device)
     world = dist.get_world_size() if dist.is_initialized() else 1
     sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed) if world > 1 else None
@@ -166,7 +170,7 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
         param_groups(model, args.lr, args.weight_decay, args.head_lr_mult), lr=args.lr, betas=(0.9, 0.98), eps=1e-8
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(int(total * args.warmup), total))
-    resume_dir = Path(args.out).with_name(Path(args.out).name + ".resume")
+    resume_dir = out.with_name(out.name + ".resume")
     epoch0, step = 0, 0
     if resume_dir.is_dir() and not args.restart:
         epoch0, step, early_state = load_resume(resume_dir, model, optimizer, scheduler, run_fingerprint(args))
@@ -218,7 +222,7 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
                 stop = early is not None and early.update(result["accuracy"], epoch + 1, step)
         if dist.is_initialized():
             dist.barrier()
-        if stop_agreed(stop):
+        if stop_agreed(stop, device):
             break
     if is_main():
         if early is not None and early.best is not None:
