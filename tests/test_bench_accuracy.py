@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +46,7 @@ def test_bad_flags_are_refused_with_a_message(tmp_path, capsys):
         (["--datasets", "easy-vqa", "--teacher", str(tmp_path / "nowhere")], "not a directory"),
         (["--datasets", "easy-vqa", "scenes-vqa", "--teacher", str(tmp_path)], "--teacher takes one dataset"),
         (["--merge", str(tmp_path / "missing.json")], "cannot read a report"),
+        (["--patience", "-1"], "--patience must be >= 0 and --eval-limit >= 1"),
     ):
         with pytest.raises(SystemExit) as e:
             accuracy.main([*argv, "--work", str(tmp_path)])
@@ -52,15 +54,21 @@ def test_bad_flags_are_refused_with_a_message(tmp_path, capsys):
     assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.slow
-def test_a_given_teacher_is_used_not_trained_and_seeds_vary_the_students(tmp_path, monkeypatch):
+def given_teacher(tmp_path: Path, monkeypatch, data: str) -> Path:
+    """A tiny scenes-VQA teacher trained for one epoch: the --teacher the benchmark is given."""
     from training.train import main as dide_train
 
     monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
-    tiny_teacher_dir = tmp_path / "given-teacher"
-    data = "scenes:train=4,test=32,seed=0"
+    teacher = tmp_path / "given-teacher"
     assert dide_train(["teacher", "--task", "vqa", "--data", data, "--size", "tiny", "--epochs", "1",
-                       "--batch-size", "8", "--out", str(tiny_teacher_dir)]) == 0  # fmt: skip
+                       "--batch-size", "8", "--out", str(teacher)]) == 0  # fmt: skip
+    return teacher
+
+
+@pytest.mark.slow
+def test_a_given_teacher_is_used_not_trained_and_seeds_vary_the_students(tmp_path, monkeypatch):
+    data = "scenes:train=4,test=32,seed=0"
+    tiny_teacher_dir = given_teacher(tmp_path, monkeypatch, data)
     out = tmp_path / "results"
     argv = ["--datasets", "scenes-vqa", "--variants", "pred-kd", "--size", "tiny", "--teacher", str(tiny_teacher_dir),
             "--scenes", data, "--student-epochs", "1", "--batch-size", "8", "--seeds", "2",
@@ -82,14 +90,10 @@ def test_a_given_teacher_is_used_not_trained_and_seeds_vary_the_students(tmp_pat
     assert again["datasets"]["scenes-vqa"]["runs"] == runs
 
 
+@pytest.mark.slow
 def test_students_with_extra_flags_train_until_accuracy_stops_improving(tmp_path, monkeypatch):
-    from training.train import main as dide_train
-
-    monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
-    teacher = tmp_path / "given-teacher"
     data = "scenes:train=4,test=16,seed=0"
-    assert dide_train(["teacher", "--task", "vqa", "--data", data, "--size", "tiny", "--epochs", "1",
-                       "--batch-size", "8", "--out", str(teacher)]) == 0  # fmt: skip
+    teacher = given_teacher(tmp_path, monkeypatch, data)
     out = tmp_path / "results"
     argv = ["--datasets", "scenes-vqa", "--variants", "dide", "--size", "tiny", "--teacher", str(teacher),
             "--scenes", data, "--student-epochs", "3", "--batch-size", "8", "--patience", "1", "--eval-limit", "16",
