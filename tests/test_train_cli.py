@@ -90,6 +90,18 @@ def test_resume_after_interruption(vqa_teacher, tmp_path, caplog, monkeypatch):
     assert f"resuming from {resume} at epoch 1, step {state['step']}" in caplog.text
     assert not resume.exists()
     assert load_student(out).model.config.task == "vqa"
+    uninterrupted = tmp_path / "u"
+    assert main([*argv[: argv.index("--out") + 1], str(uninterrupted), *argv[argv.index("--out") + 2 :]]) == 0
+    weights = (out / "model.safetensors").read_bytes()
+    assert weights == (uninterrupted / "model.safetensors").read_bytes()  # the same shuffles and augmentations
+
+
+def test_evaluating_during_training_does_not_change_it(vqa_teacher, tmp_path):
+    argv = ["distill", "--task", "vqa", "--teacher", str(vqa_teacher), *FAST]
+    argv[argv.index("--epochs") + 1] = "2"  # evaluated after epoch 1 (default shift augmentation, dropout 0.1)
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "b"), "--eval-every", "1"]) == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
 def test_patience_stops_when_accuracy_stops_improving_and_keeps_the_best(vqa_teacher, tmp_path, monkeypatch, capsys):

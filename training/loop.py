@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 import time
 from pathlib import Path
@@ -59,18 +60,34 @@ def run_fingerprint(args) -> dict:
     return {k: getattr(args, k, None) for k in RESUME_KEYS}
 
 
+def rng_state() -> dict:
+    """The global generators training draws from: torch (shuffling, dropout) and Python's (augmentation)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def save_resume(
     path: Path, model: nn.Module, optimizer, scheduler, epoch: int, step: int, run: dict, early: dict | None = None
 ) -> None:
-    """Model + optimizer state (and --patience's record) for resuming; written to a temp dir and renamed (never
-    half-written)."""
+    """Model, optimizer and random-generator state (and --patience's record) for resuming, so a resumed run
+    continues as the uninterrupted one would; written to a temp dir and renamed (never half-written)."""
     model = getattr(model, "module", model)
 
     def write(tmp: Path) -> None:
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors")
         )
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        opt = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        torch.save(opt, tmp / "optim.pt")
         (tmp / "state.json").write_text(json.dumps({"epoch": epoch, "step": step, "run": run, "early": early}))
 
     atomic_directory(path, write)
@@ -89,6 +106,8 @@ def load_resume(path: Path, model: nn.Module, optimizer, scheduler, run: dict) -
     opt = torch.load(path / "optim.pt", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
+    if "rng" in opt:  # a resume state from before this was kept: the run goes on with fresh draws
+        set_rng_state(opt["rng"])
     return state["epoch"], state["step"], state.get("early")
 
 
@@ -216,8 +235,10 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
             save_resume(resume_dir, model, optimizer, scheduler, epoch + 1, step, run_fingerprint(args), record)
             due = args.eval_every and (epoch + 1) % args.eval_every == 0
             if due and (epoch + 1 < args.epochs or early):  # the last model is evaluated by `eval`, unless stopping
+                kept = rng_state()  # evaluating builds a model: its draws must not change the rest of training
                 save_fn()
                 result = evaluate_dir(args.out, limit=args.eval_limit)
+                set_rng_state(kept)
                 log.info("epoch %d: %s", epoch + 1, json.dumps(result))
                 stop = early is not None and early.update(result["accuracy"], epoch + 1, step)
         if dist.is_initialized():
