@@ -267,7 +267,7 @@ def test_accuracy_targets_leave_out_tasks_whose_teacher_is_at_chance() -> None:
     chance = {"task": "entailment", "summary": summary(teacher=0.334, dide=0.334, pred_kd=0.334, text_only=0.334)}
     learned = {"task": "reasoning", "summary": summary(teacher=0.9, dide=0.85, pred_kd=0.83, image_only=0.6)}
     vqa = {"task": "vqa", "summary": summary(teacher=0.8, dide=0.795)}
-    base = {"size": "small", "max_train": 6400, "student_epochs": 1}
+    base = {"size": "small", "max_train": 6400, "student_epochs": 1, "patience": 2}
     reports = [
         ("accuracy", {**base, "datasets": {"scenes-entailment": chance, "scenes-reasoning": learned}}),
         ("accuracy-x", {**base, "datasets": {"easy-vqa": vqa}}),
@@ -277,6 +277,11 @@ def test_accuracy_targets_leave_out_tasks_whose_teacher_is_at_chance() -> None:
     assert "scenes-entailment" not in gap["measured"] and "left out, scenes-entailment" in gap["note"]
     assert "chance 0.333" in gap["note"] and "text-only 0.334" in gap["note"]
     assert gain["status"] == "met" and "+2.0 pt" in gain["measured"]  # only the informative relational task counts
+    fixed = [("accuracy-y", {**base, "patience": 0, "datasets": {"scenes-reasoning": learned, "easy-vqa": vqa}})]
+    gap, gain = run.accuracy_targets(fixed)  # a fixed budget: its gain counts, its gap to the teacher does not
+    assert gap["status"] == "not measured" and gap["measured"] == "–"
+    assert "left out, easy-vqa (accuracy-y.json" in gap["note"] and "a fixed budget" in gap["note"]
+    assert gain["status"] == "met" and "+2.0 pt" in gain["measured"]
     _, gain = run.accuracy_targets([("accuracy", {**base, "datasets": {"scenes-entailment": chance}})])
     assert gain["status"] == "measured, not informative"
     _, gain = run.accuracy_targets([("accuracy", {**base, "datasets": {"easy-vqa": vqa}})])
