@@ -338,8 +338,11 @@ def accuracy_targets(reports: list[tuple[str, dict]]) -> list[dict]:
                 budgets[label] = "a fixed budget, not trained until no longer improving"
             if name.startswith("scenes") and "dide" in s and "pred-kd" in s:
                 gains[label] = 100 * (s["dide"]["mean"] - s["pred-kd"]["mean"])
-    note = "; ".join(f"left out, {k}: {v}" for k, v in skipped.items())
-    gap_note = "; ".join(f"left out, {k}: {v}" for k, v in {**skipped, **budgets}.items())
+
+    def left_out(why: dict[str, str]) -> str:
+        return "; ".join(f"left out, {k}: {v}" for k, v in why.items())
+
+    note, gap_note = left_out(skipped), left_out(skipped | budgets)
     return [
         target(
             "student vs teacher",
