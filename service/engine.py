@@ -401,7 +401,9 @@ class Engine:
         if self._encoding >= self.settings.queue_max:
             raise Overloaded(f"{self._encoding} image encodes are queued, the limit is {self.settings.queue_max}")
         self._encoding += 1
+        self.metrics.image_encodes.inc()
         try:
             return await asyncio.get_running_loop().run_in_executor(self.executor, fn, data)
         finally:
             self._encoding -= 1
+            self.metrics.image_encodes.dec()

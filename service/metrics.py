@@ -43,6 +43,9 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("dide_queue_depth", "Requests waiting for a micro-batch.", registry=r)
+        self.image_encodes = Gauge(
+            "dide_image_encodes", "Image encodes queued or running in the worker threads.", registry=r
+        )
         self.cache_hits = Counter("dide_cache_hits_total", "Embedding cache hits.", ["cache"], registry=r)
         self.cache_misses = Counter("dide_cache_misses_total", "Embedding cache misses.", ["cache"], registry=r)
         self.search_rows = Counter(
