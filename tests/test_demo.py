@@ -1,5 +1,6 @@
 """`dide-demo`: the shipped models' checks, the test split it serves, the from-scratch rebuild at a small scale, and
-every printed curl example posted to a live demo server and compared with its ground truth."""
+every printed curl example posted to a live demo server and compared with its ground truth; `bench.service_accuracy`
+against that server."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench import service_accuracy
 from bench.server import REPO, LiveServer, free_port, stop_server, wait_ready
 from core.bundle import BUNDLE_FILES, LABELS, MANIFEST, write_manifest
 from service.demo import demo_images
@@ -198,5 +200,24 @@ def test_every_printed_example_answers_over_http(small_models: Path, data_dir: P
         assert "dide_request_duration_seconds_count" in httpx.get(server.url + "/metrics").text
         assert "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text()  # serving never loads torch
         assert f"{server.url}/docs" in printed and httpx.get(server.url + "/docs").status_code == 200
+
+        # The test splits through the API, by id and as bytes, answer as the bundles do offline.
+        out = tmp_path / "results"
+        argv = ["--url", server.url, "--root", str(root), "--models", str(models_dir), "--limit", "24", "--out"]
+        assert service_accuracy.main([*argv, str(out)]) == 0
+        report = json.loads((out / "service_accuracy.json").read_text())
+        assert set(report["tasks"]) == set(TASKS) and (out / "service_accuracy.md").read_text().count("\n| ") == 4
+        for task, row in report["tasks"].items():
+            assert row["examples"] == 24, task
+            for mode in service_accuracy.MODES:
+                assert row[mode]["errors"] == 0, row[mode]["first_error"]
+                assert row[mode]["agrees_with_offline"] == 1.0 and row[mode]["accuracy"] == row["bundle_offline"]
     finally:
         stop_server(server)
+
+
+def test_service_accuracy_says_when_no_service_answers(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        service_accuracy.main(["--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "no service at http://127.0.0.1:" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
