@@ -27,12 +27,12 @@ from export.runtime import Bundle, default_providers
 from service.demo import demo_images
 from service.demo_examples import (
     ENDPOINTS,
-    TEXT_FIELDS,
     SplitExample,
     expected_value,
     predict,
     read_split,
     response_answer,
+    split_body,
 )
 from service.shipped import MODELS_DIR, ShippedModelsError, read_models
 
@@ -41,9 +41,7 @@ MODES = ("ids", "bytes")
 
 def request_body(task: str, example: SplitExample, mode: str, encoded: Callable[[str], str]) -> dict:
     """The endpoint's JSON for one test example, its images by id or as base64 bytes."""
-    images = [{"image_id": i} if mode == "ids" else {"image": encoded(i)} for i in example.images]
-    body: dict = {"images": images} if task == "reasoning" else images[0]
-    body = {**body, TEXT_FIELDS[task]: example.text}
+    body = split_body(task, example, (lambda i: {"image": encoded(i)}) if mode == "bytes" else None)
     return {**body, "top_k": 1} if task == "vqa" else body
 
 
@@ -51,7 +49,7 @@ async def ask_all(url: str, task: str, examples: list[SplitExample], mode: str, 
     """Every example through the API: (answers, None where the request failed; first error; seconds)."""
     sem = asyncio.Semaphore(concurrency)
     cache: dict[str, str] = {}
-    first_error: list[str] = []
+    errors: list[str] = []
 
     def encoded(image_id: str) -> str:
         if image_id not in cache:
@@ -63,21 +61,22 @@ async def ask_all(url: str, task: str, examples: list[SplitExample], mode: str, 
         async with sem:
             r = await client.post(f"{url}{ENDPOINTS[task]}", json=body)
         if r.status_code != 200:
-            first_error[:] = first_error or [f"{r.status_code}: {r.text[:300]}"]
+            errors.append(f"{r.status_code}: {r.text[:300]}")
             return None
         return response_answer(ENDPOINTS[task], r.json())
 
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=60) as client:
         answers = await asyncio.gather(*(one(client, e) for e in examples))
-    return answers, (first_error or [None])[0], time.perf_counter() - t0
+    return answers, errors[0] if errors else None, time.perf_counter() - t0
+
+
+def split_file(root: Path, task: str) -> Path:
+    return root / "split" / task / "examples.jsonl"
 
 
 def score_task(task: str, entry: dict, root: Path, url: str, limit: int | None, concurrency: int) -> dict:
-    split = root / "split" / task / "examples.jsonl"
-    if not split.is_file():
-        raise ValueError(f"{split} is missing: is --root the demo's root (dide-demo --root), and is it serving?")
-    examples = read_split(split)[:limit]
+    examples = read_split(split_file(root, task))[:limit]
     truth = [expected_value(task, e.answer) for e in examples]
     image_file = demo_images(root)
     offline = [answer for answer, _ in predict(Bundle.load(root / "bundles" / task), examples, image_file)]
@@ -166,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         models = read_models(Path(args.models))
     except ShippedModelsError as e:
         p.error(str(e))
+    root = Path(args.root)
+    missing = [str(f) for f in (split_file(root, task) for task in models["tasks"]) if not f.is_file()]
+    if missing:
+        p.error(f"{', '.join(missing)} missing: --root must be the running demo's root (dide-demo --root)")
     try:
         ready = httpx.get(f"{args.url}/readyz", timeout=10)
     except httpx.HTTPError as e:
@@ -179,12 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         "concurrency": args.concurrency,
         "tasks": {},
     }
-    root = Path(args.root)
-    try:
-        for task, entry in models["tasks"].items():
-            report["tasks"][task] = score_task(task, entry, root, args.url, args.limit, args.concurrency)
-    except ValueError as e:
-        p.error(str(e))
+    for task, entry in models["tasks"].items():
+        report["tasks"][task] = score_task(task, entry, root, args.url, args.limit, args.concurrency)
     write_results(Path(args.out), "service_accuracy", report, markdown, plot)
     print(markdown(report))
     return 0

@@ -116,17 +116,22 @@ def choose_examples(task: str, examples: list[SplitExample], predictions: list[t
         taken.add(k)
         e = examples[k]
         example: dict = {"task": task, "endpoint": ENDPOINTS[task], "kind": kind_of(e.text)}
-        if task == "reasoning":
-            example["body"] = {"images": [{"image_id": i} for i in e.images], TEXT_FIELDS[task]: e.text}
-        elif how == "upload":
+        if how == "upload" and task != "reasoning":
             example["upload"] = e.images[0]
             example["body"] = {TEXT_FIELDS[task]: e.text}
         else:
-            example["body"] = {"image_id": e.images[0], TEXT_FIELDS[task]: e.text}
+            example["body"] = split_body(task, e)
         example["expected"] = expected(k)
         example["answered_right"] = bool(right)
         chosen.append(example)
     return chosen
+
+
+def split_body(task: str, example: SplitExample, image: Callable[[str], dict] | None = None) -> dict:
+    """The endpoint's JSON for a test example, each image as `image(id)`: by default its cached id."""
+    images = [image(i) if image else {"image_id": i} for i in example.images]
+    head = {"images": images} if task == "reasoning" else images[0]
+    return {**head, TEXT_FIELDS[task]: example.text}
 
 
 def request_body(example: dict, image_file: Callable[[str], Path]) -> dict:

@@ -216,8 +216,21 @@ def test_every_printed_example_answers_over_http(small_models: Path, data_dir: P
         stop_server(server)
 
 
-def test_service_accuracy_says_when_no_service_answers(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(
+    ("with_splits", "extra", "message"),
+    [
+        (True, [], "no service at http://127.0.0.1:"),
+        (False, [], "examples.jsonl missing: --root must be the running demo's root"),
+        (True, ["--limit", "0"], "--limit and --concurrency must be >= 1"),
+    ],
+)
+def test_service_accuracy_says_what_is_wrong(tmp_path: Path, capsys, with_splits: bool, extra: list, message: str):
+    root, out = tmp_path / "root", tmp_path / "out"
+    for task in TASKS if with_splits else ():
+        (root / "split" / task).mkdir(parents=True)
+        (root / "split" / task / "examples.jsonl").write_text("")
+    argv = ["--url", f"http://127.0.0.1:{free_port()}", "--root", str(root), "--out", str(out), *extra]
     with pytest.raises(SystemExit) as e:
-        service_accuracy.main(["--url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path)])
-    assert e.value.code == 2 and "no service at http://127.0.0.1:" in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
+        service_accuracy.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
