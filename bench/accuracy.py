@@ -98,7 +98,7 @@ def run_dataset(name: str, args, work: Path) -> dict:
     if args.max_train:
         common += ["--max-train", str(args.max_train)]
     rows: dict = {"task": task, "data": data, "runs": {}}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         d = work / name / f"seed{seed}"
         teacher = d / "teacher"
         t_argv = ["teacher", "--task", task, "--data", data, "--size", args.size, "--out", str(teacher),
@@ -114,7 +114,7 @@ def run_dataset(name: str, args, work: Path) -> dict:
         if args.collect and not teacher.exists():
             continue
         seconds = train(t_argv, teacher)
-        if not (args.teacher and seed):  # a given teacher is one model: evaluated once, whatever the student seeds
+        if not args.teacher or seed == args.first_seed:  # a given teacher is one model: evaluated once
             command = "dide-train " + " ".join(t_argv)
             rows["runs"].setdefault("teacher", []).append(
                 {"seed": seed, **evaluate(teacher), "train_seconds": seconds, "command": command}
@@ -140,14 +140,15 @@ def run_dataset(name: str, args, work: Path) -> dict:
                 result["stopping"] = json.loads(stopping.read_text())
             rows["runs"].setdefault(variant, []).append(result)
             log.info("%s %s seed %d: accuracy %.4f", name, variant, seed, result["accuracy"])
+    return summarize(rows)
+
+
+def summarize(rows: dict) -> dict:
+    """Mean, min and max over seeds of every column's runs (rows["summary"])."""
+    rows["summary"] = {}
     for col, runs in rows["runs"].items():
         accs = [r["accuracy"] for r in runs]
-        rows.setdefault("summary", {})[col] = {
-            "mean": sum(accs) / len(accs),
-            "min": min(accs),
-            "max": max(accs),
-            "n_seeds": len(accs),
-        }
+        rows["summary"][col] = {"mean": sum(accs) / len(accs), "min": min(accs), "max": max(accs), "n_seeds": len(accs)}
     return rows
 
 
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-epochs", type=int, default=3, help="teacher training epochs")
     p.add_argument("--student-epochs", type=int, default=2, help="student training epochs")
     p.add_argument("--seeds", type=int, default=1, help="seeds per configuration")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds K..K+N-1 (more seeds later: then --merge)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--student-flags", default="", help="more `dide-train distill` flags for every student")
     p.add_argument(
@@ -292,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.patience < 0 or args.eval_limit < 1:
         p.error("--patience must be >= 0 and --eval-limit >= 1")
+    if args.seeds < 1 or args.first_seed < 0:
+        p.error("--seeds must be >= 1 and --first-seed >= 0")
     if args.teacher and (len(args.datasets) != 1 or args.two_stage):
         p.error("--teacher takes one dataset and no --two-stage")
     if args.teacher and not Path(args.teacher).is_dir():
@@ -317,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "patience": args.patience,
         "eval_limit": args.eval_limit,
         "seeds": args.seeds,
+        "first_seed": args.first_seed,
         "max_train": args.max_train,
         "variants": args.variants,
         "two_stage": args.two_stage,
@@ -341,20 +346,49 @@ def write_report(report: dict, out: Path, name: str, readme: str | None = None) 
 
 
 def merge(reports: list[dict]) -> dict:
-    """Reports of the same settings run as separate processes (e.g. one per dataset) as one report."""
-    settings = ("size", "teacher_epochs", "student_epochs", "student_flags", "patience", "seeds", "max_train")
+    """Reports of the same settings run as separate processes as one report: other datasets, other variants, or
+    other seeds of the same ones (e.g. a third seed trained later with --first-seed 2).
+
+    A run (dataset, column, seed) may come from one report only, and a dataset's teacher must be the same model
+    (the same test accuracy) in every report that has it.
+    """
+    settings = ("size", "teacher_epochs", "student_epochs", "student_flags", "patience", "max_train")
     settings += ("two_stage", "teacher")
     first = reports[0]
     for r in reports[1:]:
         differ = [k for k in settings if r.get(k) != first.get(k)]
         if differ:
             raise SystemExit(f"cannot merge reports whose settings differ: {', '.join(differ)}")
+    datasets: dict = {}
+    for r in reports:
+        for name, rows in r["datasets"].items():
+            into = datasets.setdefault(name, {k: v for k, v in rows.items() if k not in ("runs", "summary")})
+            into.setdefault("runs", {})
+            for col, runs in rows["runs"].items():
+                have = into["runs"].setdefault(col, [])
+                if col == "teacher" and first.get("teacher") and have:
+                    if any(abs(t["accuracy"] - have[0]["accuracy"]) > 1e-9 for t in runs):
+                        raise SystemExit(f"cannot merge {name}: its teacher differs between the reports")
+                    continue
+                seeds = {x["seed"] for x in have}
+                again = sorted(seeds & {x["seed"] for x in runs})
+                if again:
+                    raise SystemExit(f"cannot merge {name}: {col} seed(s) {again} are in more than one report")
+                have += runs
+                have.sort(key=lambda x: x["seed"])
+    for rows in datasets.values():
+        summarize(rows)
     variants = {v for r in reports for v in r["variants"]}
+    students = [
+        x["seed"] for rows in datasets.values() for c, runs in rows["runs"].items() if c != "teacher" for x in runs
+    ]
     return {
         **first,
         "command": " ; ".join(r["command"] for r in reports),
         "variants": [v for v in VARIANTS if v in variants],
-        "datasets": {k: v for r in reports for k, v in r["datasets"].items()},
+        "seeds": len(set(students)),
+        "first_seed": min(students, default=0),
+        "datasets": datasets,
         "wall_seconds": sum(r.get("wall_seconds", 0.0) for r in reports),
     }
 

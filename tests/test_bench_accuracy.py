@@ -47,6 +47,7 @@ def test_bad_flags_are_refused_with_a_message(tmp_path, capsys):
         (["--datasets", "easy-vqa", "scenes-vqa", "--teacher", str(tmp_path)], "--teacher takes one dataset"),
         (["--merge", str(tmp_path / "missing.json")], "cannot read a report"),
         (["--patience", "-1"], "--patience must be >= 0 and --eval-limit >= 1"),
+        (["--first-seed", "-1"], "--seeds must be >= 1 and --first-seed >= 0"),
     ):
         with pytest.raises(SystemExit) as e:
             accuracy.main([*argv, "--work", str(tmp_path)])
@@ -88,6 +89,13 @@ def test_a_given_teacher_is_used_not_trained_and_seeds_vary_the_students(tmp_pat
     assert accuracy.main([*argv, "--collect", "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "accuracy.json").read_text())
     assert again["datasets"]["scenes-vqa"]["runs"] == runs
+    # A seed added later (--first-seed) reports the given teacher once, with that seed's student only.
+    later = [*argv[:-4], "--seeds", "1", "--first-seed", "2", "--work", str(tmp_path / "work"), "--out", str(out)]
+    assert accuracy.main([*later, "--name", "seed2"]) == 0
+    added = json.loads((out / "seed2.json").read_text())["datasets"]["scenes-vqa"]["runs"]
+    assert [r["seed"] for r in added["pred-kd"]] == [2] and [t["accuracy"] for t in added["teacher"]] == [
+        runs["teacher"][0]["accuracy"]
+    ]
 
 
 @pytest.mark.slow
@@ -135,4 +143,29 @@ def test_merge_joins_reports_of_the_same_settings(tmp_path):
 
     b.write_text(json.dumps(report("scenes-vqa", 0.25, size="small")))
     with pytest.raises(SystemExit, match="settings differ: size"):
+        accuracy.main(["--merge", str(a), str(b), "--out", str(tmp_path)])
+
+
+def test_merge_adds_seeds_trained_later_and_refuses_a_seed_twice_or_another_teacher(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    first = report("scenes-vqa", 0.5, teacher="T", seeds=2)
+    first["datasets"]["scenes-vqa"]["runs"]["dide"].append(
+        {**first["datasets"]["scenes-vqa"]["runs"]["dide"][0], "seed": 1, "accuracy": 0.7}
+    )
+    later = report("scenes-vqa", 0.5, teacher="T", seeds=1, first_seed=2)
+    later["datasets"]["scenes-vqa"]["runs"]["dide"] = [{"seed": 2, "accuracy": 0.9, "n": 10, "command": "c"}]
+    a.write_text(json.dumps(first))
+    b.write_text(json.dumps(later))
+    assert accuracy.main(["--merge", str(a), str(b), "--out", str(tmp_path), "--name", "merged"]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    rows = merged["datasets"]["scenes-vqa"]
+    assert [r["seed"] for r in rows["runs"]["dide"]] == [0, 1, 2] and len(rows["runs"]["teacher"]) == 1
+    assert rows["summary"]["dide"] == {"mean": pytest.approx(0.7), "min": 0.5, "max": 0.9, "n_seeds": 3}
+    assert merged["seeds"] == 3
+    assert "| scenes-vqa | vqa | 0.500 | 0.700 [0.500, 0.900] |" in (tmp_path / "merged.md").read_text()
+
+    with pytest.raises(SystemExit, match=r"dide seed\(s\) \[0, 1\] are in more than one report"):
+        accuracy.main(["--merge", str(a), str(a), "--out", str(tmp_path)])
+    b.write_text(json.dumps(report("scenes-vqa", 0.6, teacher="T", first_seed=2) | {"variants": []}))
+    with pytest.raises(SystemExit, match="its teacher differs"):
         accuracy.main(["--merge", str(a), str(b), "--out", str(tmp_path)])
