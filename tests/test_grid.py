@@ -47,6 +47,21 @@ def test_grid_loss_reads_the_chosen_layer_and_trains_the_vilt():
         GridTrainee(teacher.model, GridProbe(teacher.config.hidden_size, 14, 3, grid=4), layer=3)
 
 
+def test_cells_a_text_does_not_name_for_sure_are_left_out_of_the_named_loss():
+    """Image-text matching: which cells a negative caption names is unknown (-100), so only the matched rows
+    teach the named read-out, and a batch with none known adds 0, not the 0/0 of an empty mean."""
+    torch.manual_seed(0)
+    probe = GridProbe(hidden=8, cell_classes=5, named_classes=3, grid=2)
+    patches, cells = torch.randn(4, 1, 16, 8), torch.randint(0, 5, (4, 1, 4))
+    named = torch.randint(0, 3, (4, 1, 4))
+    named[2:] = -100  # rows 2 and 3: negative captions
+    unknown = torch.full_like(named, -100)
+    got = probe.loss(patches, cells, named) - probe.loss(patches, cells, unknown)
+    want = probe.loss(patches[:2], cells[:2], named[:2]) - probe.loss(patches[:2], cells[:2], unknown[:2])
+    assert got > 0 and torch.isfinite(probe.loss(patches, cells, unknown))
+    torch.testing.assert_close(got, want)
+
+
 def test_the_fact_probe_reads_each_images_pooled_output():
     """Two-image statements: the fact of each image is read from that image's pooled output, the vector the
     NLVR2 head concatenates, so the loss reaches the pooler; without facts it does not."""

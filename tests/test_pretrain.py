@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -22,7 +23,7 @@ from training import scene_language, scene_splits, scene_world, scenes
 from training.annotations import AnnotationError
 from training.data import load_data
 from training.dataset import itm_pairs
-from training.examples import PairExample
+from training.examples import GridSpec, PairExample
 from training.student import load_student
 from training.teacher import build_teacher, load_teacher, student_for_teacher, teacher_for_task
 from training.tokenizer import train_wordpiece
@@ -236,6 +237,21 @@ def test_scene_pairs_are_generated_and_cached(data_dir):
     assert load_data("scenes:train=6,test=3,seed=0", "itm").train == data.train
 
 
+def test_scene_pairs_carry_their_images_cells_and_the_cells_their_caption_names(data_dir):
+    data = load_data("scenes:train=6,test=3,seed=0", "itm")
+    assert data.grid == GridSpec(scene_world.GRID, scene_world.CELL_CLASSES, scene_world.NAMED_CLASSES)
+    for split, examples in (("train", data.train), ("test", data.test)):
+        generated, _ = scene_splits.make_split("itm", len(examples), random.Random(f"scenes/itm/0/{split}"))
+        for e, scene in zip(examples, generated, strict=True):
+            assert e.grid.cells == (tuple(scene_world.cell_classes(scene)),)
+            assert true_for(e.caption, scene)  # the scene drawn is the one the caption describes
+            _, a, _, b = parse_scene_caption(e.caption)  # named: its relation's subject (1) and object (2)
+            roles, named = {b: 2, a: 1}, [0] * scene_world.GRID**2  # a shape that fits both is the subject
+            for s in scene.visible:
+                named[s.row * scene_world.GRID + s.col] = roles.get((s.color, s.shape), 0)
+            assert e.grid.named == (tuple(named),) and 1 in named and (2 in named) == (a != b)
+
+
 def test_easy_vqa_captions_follow_the_images_answers():
     import easy_vqa
 
@@ -296,6 +312,14 @@ def test_itm_pairs_take_a_hard_negative_or_another_images_caption():
     again = itm_pairs(batch, torch.Generator().manual_seed(0))
     torch.testing.assert_close(again, itm_pairs(batch, torch.Generator().manual_seed(0)))
 
+    # The scenes' grid labels: an image's cells go with each of its rows, the cells its caption names only
+    # with the matched row (a negative's are unknown, -100).
+    cells, named = torch.randint(0, 14, (4, 1, 16)), torch.randint(0, 3, (4, 1, 16), dtype=torch.uint8)
+    out = itm_pairs({**batch, "cells": cells, "named": named}, torch.Generator().manual_seed(0))
+    assert torch.equal(out["cells"], torch.cat([cells, cells]))
+    assert torch.equal(out["named"][:4], named.long()) and (out["named"][4:] == -100).all()
+    assert "cells" not in again and "named" not in again
+
 
 # ---------------------------------------------------------------------------------------------------
 # ITM teachers, pretrain, and stage 2 from stage 1
@@ -353,6 +377,27 @@ def stage1(tmp_path_factory, data_dir) -> tuple[Path, Path]:
     assert main(["teacher", "--task", "itm", "--data", SCENES, "--size", "tiny", "--out", str(teacher), *FAST]) == 0
     assert main(["pretrain", "--teacher", str(teacher), "--out", str(student), *FAST]) == 0
     return teacher, student
+
+
+def logged_parts(text: str, name: str) -> list[float]:
+    """Each training step line's value of one loss part (e.g. "grid=0.1234")."""
+    return [float(v) for v in re.findall(rf"step \d+/\d+ epoch \d+ loss \S+ .*\b{name}=(\S+)", text)]
+
+
+def test_an_itm_teacher_and_its_stage1_student_train_the_grid_rung_on_scene_pairs(data_dir, tmp_path, caplog):
+    teacher, student = tmp_path / "itm-teacher", tmp_path / "stage1"
+    grid = ["--grid-loss", "1", "--augment", "none"]
+    caplog.set_level(logging.INFO, logger="training.loop")
+    argv = ["teacher", "--task", "itm", "--data", SCENES, "--size", "tiny", *grid, "--out", str(teacher), *FAST]
+    assert main(argv) == 0
+    assert json.loads((teacher / "dide.json").read_text())["training"]["grid_loss"] == 1.0
+    losses = logged_parts(caplog.text, "grid")
+    assert len(losses) == 3 and all(0 < x < float("inf") for x in losses)  # 24 pairs / 8: cells and named, finite
+    caplog.clear()
+    assert main(["pretrain", "--teacher", str(teacher), *grid, "--out", str(student), *FAST]) == 0
+    assert json.loads((student / "config.json").read_text())["loss_weights"]["grid"] == 1.0
+    losses = logged_parts(caplog.text, "grid")  # the student's scene probe on its pooled image embeddings
+    assert len(losses) == 3 and all(0 < x < float("inf") for x in losses)
 
 
 def tokenizer_vocab(directory: Path) -> dict:

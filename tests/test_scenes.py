@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -333,7 +335,7 @@ def tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("task", ["vqa", "entailment", "reasoning"])
+@pytest.mark.parametrize("task", ["vqa", "entailment", "reasoning", "itm"])
 def test_same_seed_gives_identical_files(tmp_path, task):
     a = build_scenes(task, 6, 3, 7, tmp_path / "a")
     b = build_scenes(task, 6, 3, 7, tmp_path / "b")
@@ -386,6 +388,18 @@ def test_a_final_directory_without_its_marker_is_an_error(tmp_path, monkeypatch)
     (tmp_path / "scenes" / f"vqa-train2-test1-seed0-v{scenes.VERSION}").mkdir(parents=True)
     with pytest.raises(ValueError, match="not a complete scenes directory"):
         load_scenes("vqa", train=2, test=1)
+
+
+def test_a_pairs_cache_from_before_pairs_carried_cell_labels_is_refused_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path))
+    directory = Path(load_scenes("itm", train=2, test=1).meta["directory"])
+    records = [json.loads(line) for line in (directory / "train.jsonl").read_text().splitlines()]
+    assert all(len(r["cells"]) == len(r["named"]) == 1 for r in records)
+    old = [{k: v for k, v in r.items() if k not in ("cells", "named")} for r in records]  # as written before
+    (directory / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(directory))} holds image-text pairs without cell labels: "
+                       "delete it and rerun"):  # fmt: skip
+        load_scenes("itm", train=2, test=1)
 
 
 def test_bad_scene_requests_are_rejected(tmp_path, monkeypatch):

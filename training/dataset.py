@@ -104,7 +104,8 @@ def itm_pairs(batch: dict[str, Tensor], generator: torch.Generator, p_hard: floa
     `p_hard` one of its hard negatives when it has any, else the caption of another image in the batch
     (another image and another caption string); an image with neither gets no negative. The draws come
     from `generator` only, so a seed fixes them. `pairs` (n, 2) holds each image's rows, matched first, for
-    a ranking teacher's softmax over an image's captions.
+    a ranking teacher's softmax over an image's captions. Grid labels (the scenes) follow their rows: an image's
+    cells hold for any caption, which cells a caption names only for its own, so a negative's are -100 (unknown).
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     image, caption, count = (batch[k].cpu() for k in ("image_id", "caption_id", "negative_count"))
@@ -125,13 +126,19 @@ def itm_pairs(batch: dict[str, Tensor], generator: torch.Generator, p_hard: floa
         rows.append(i)
     rows_index = torch.tensor(rows, dtype=torch.long, device=ids.device)
     target = batch["target"]  # (B, 1): every loaded pair matches
-    return {
+    out = {
         "input_ids": torch.stack([*ids, *neg_ids]),  # (B + n, L)
         "attention_mask": torch.stack([*mask, *neg_mask]),
         "pixels": torch.cat([batch["pixels"], batch["pixels"][rows_index]]),
         "target": torch.cat([target, target.new_zeros(len(rows), 1)]),
         "pairs": torch.stack([rows_index, len(ids) + torch.arange(len(rows), device=ids.device)], dim=1),
     }
+    if "cells" in batch:  # (B, 1, G*G) -> (B + n, 1, G*G)
+        out["cells"] = torch.cat([batch["cells"], batch["cells"][rows_index]])
+    if "named" in batch:
+        named = batch["named"].long()  # uint8 cannot hold -100
+        out["named"] = torch.cat([named, torch.full_like(named[rows_index], -100)])
+    return out
 
 
 def batch_maker(task: str, seed: int) -> Callable[[dict[str, Tensor]], dict[str, Tensor]]:

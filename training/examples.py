@@ -84,12 +84,14 @@ class PairExample:
     """An image and a caption that describes it (image-text matching, pre-training distillation).
 
     `negatives` are hard negative captions: each differs from the caption in one attribute or relation
-    and is false for the image.
+    and is false for the image. `grid` (the scenes) holds the image's cells, which hold for the caption and
+    every negative alike, and which cells the caption names, which hold for the caption only.
     """
 
     image: Path
     caption: str
     negatives: tuple[str, ...] = ()
+    grid: GridLabels | None = None
 
 
 Example = VQAExample | EntailmentExample | ReasoningExample | PairExample

@@ -7,6 +7,8 @@ auxiliary losses on its last-layer patch tokens, from labels the scene generator
 - named: whether the text names the shape in that cell ("the red circle", "circles"), and as which of its
   descriptions (the subject or the object of a relation), which a patch can only tell after attending to
   the words: it teaches the cross-modal attention that DiDE distils.
+On image-text matching pairs (stage 1) the cells are the image's, for its true caption and its negatives alike;
+the named cells are the caption's relation's subject and object, known for the true caption only.
 The probe reads a middle layer, not the last: a relation ("is the red circle left of the blue square?")
 needs layers *after* the words have found their shapes, to compare where those are.
 For a reasoning statement about two images, a third read-out asks each image's pooled output (what the
@@ -33,7 +35,8 @@ from torch import Tensor, nn
 
 def cell_loss(logits: Tensor, cells: Tensor) -> Tensor:
     """Cross-entropy over the cells whose class is known (-100: unknown, e.g. an easy-VQA image whose questions
-    do not tell its colour and shape); 0 when a batch has none, where the mean would be 0/0."""
+    do not tell its colour and shape, or what a negative caption names); 0 when a batch has none, where the mean
+    would be 0/0."""
     known = cells != -100
     if not known.any():
         return logits.sum() * 0.0
@@ -62,11 +65,11 @@ class GridProbe(nn.Module):
         return F.adaptive_avg_pool2d(x, self.grid).flatten(2).transpose(1, 2)
 
     def loss(self, patches: Tensor, cells: Tensor, named: Tensor | None) -> Tensor:
-        """patches (B, I, N, D) per image; cells and named (B, I, G*G) class ids."""
+        """patches (B, I, N, D) per image; cells and named (B, I, G*G) class ids, -100 where unknown."""
         x = self.cells_of(patches.flatten(0, 1))  # (B*I, G*G, D)
         loss = cell_loss(self.cell(x).flatten(0, 1), cells.flatten())
         if self.named is not None:
-            loss = loss + F.cross_entropy(self.named(x).flatten(0, 1), named.flatten().long())
+            loss = loss + cell_loss(self.named(x).flatten(0, 1), named.flatten().long())
         return loss
 
     def fact_loss(self, pooled: Tensor, facts: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from training.scene_language import (
     VQA_QUESTIONS,
     entailment_label,
 )
-from training.scene_world import Scene, random_scene
+from training.scene_world import Scene, named_cells, random_scene
 
 MAX_QUESTIONS_PER_IMAGE = 6
 STATEMENTS_PER_LABEL = 2
@@ -162,12 +162,15 @@ def _reasoning_split(n_images: int, rng: random.Random) -> tuple[list[Scene], li
 
 
 def _itm_split(n_images: int, rng: random.Random) -> tuple[list[Scene], list[dict]]:
-    """Scenes, each with one true caption and its hard negatives."""
+    """Scenes, each with one true caption, its hard negatives, and which cells the caption names: the subject
+    (1) and the object (2) of its relation, as a question's mentions (the others it lists are not named)."""
     scenes = [random_scene(rng) for _ in range(n_images)]
     records = []
     for i, scene in enumerate(scenes):
         caption = scene_caption(scene, rng)
-        records.append({"image": i, "caption": caption.text, "negatives": hard_negatives(caption, scene.shapes, rng)})
+        negatives = hard_negatives(caption, scene.shapes, rng)
+        named = [named_cells(scene, (caption.a, caption.b))]  # draws nothing: the captions stay as they were
+        records.append({"image": i, "caption": caption.text, "negatives": negatives, "named": named})
     return scenes, records
 
 

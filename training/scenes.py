@@ -49,7 +49,8 @@ from training.scene_world import (
 logger = logging.getLogger(__name__)
 
 # Bump when the generator (any of the scene_*.py modules) changes what it draws or asks, so old caches
-# are not reused.
+# are not reused. Image-text matching pairs gained their cell labels within v3, so that the other tasks' caches
+# (the same files as before) stay valid; a pairs cache from before is refused by _read_split, naming it.
 VERSION = 3
 
 # Images rendered per split: (train, test). Each VQA image gets up to 6 questions (~3.6 on average:
@@ -79,10 +80,10 @@ def _write_split(task: str, n_images: int, rng: random.Random, out: Path, split:
         render_scene(scene).save(out / split / f"{i:05d}.png")
     with open(out / f"{split}.jsonl", "w") as f:
         for r in records:
-            if task != "itm":
-                indices = r.get("images", [r.get("image")])
+            indices = r.get("images", [r.get("image")])
+            r["cells"] = [cell_classes(scenes[i]) for i in indices]
+            if task != "itm":  # an itm record has its caption's already (scene_splits: from the Caption)
                 mentions = _mentions(task, r.get("question") or r.get("hypothesis") or r["statement"])
-                r["cells"] = [cell_classes(scenes[i]) for i in indices]
                 r["named"] = [named_cells(scenes[i], mentions) for i in indices]
             if "images" in r:
                 r["images"] = [f"{split}/{i:05d}.png" for i in r["images"]]
@@ -128,11 +129,11 @@ def _read_split(directory: Path, task: str, split: str) -> list:
     with open(directory / f"{split}.jsonl") as f:
         for line in f:
             r = json.loads(line)
-            grid = None
-            if "cells" in r:
-                shapes = [shapes_of_cells(c) for c in r["cells"]] if task == "reasoning" else None
-                facts = pair_facts(r["statement"], *shapes) if shapes else None
-                grid = GridLabels.of(r["cells"], r["named"], facts)
+            if "cells" not in r:  # pairs written before they carried labels (the other tasks always had them)
+                raise ValueError(f"{directory} holds image-text pairs without cell labels: delete it and rerun")
+            shapes = [shapes_of_cells(c) for c in r["cells"]] if task == "reasoning" else None
+            facts = pair_facts(r["statement"], *shapes) if shapes else None
+            grid = GridLabels.of(r["cells"], r["named"], facts)
             if task == "vqa":
                 kind = VQA_QUESTIONS[r["question"]][0]
                 examples.append(
@@ -144,7 +145,7 @@ def _read_split(directory: Path, task: str, split: str) -> list:
                     EntailmentExample(directory / r["image"], r["hypothesis"], r["label"], grid=grid, kind=kind)
                 )
             elif task == "itm":
-                examples.append(PairExample(directory / r["image"], r["caption"], tuple(r["negatives"])))
+                examples.append(PairExample(directory / r["image"], r["caption"], tuple(r["negatives"]), grid=grid))
             else:
                 left, right = (directory / p for p in r["images"])
                 kind = REASONING_STATEMENTS[r["statement"]][0]
@@ -178,5 +179,5 @@ def load_scenes(task: str, *, train: int | None = None, test: int | None = None,
         test=_read_split(directory, task, "test"),
         name="scenes",
         meta={"train_images": train, "test_images": test, "seed": seed, "directory": str(directory)},
-        grid=None if task == "itm" else GridSpec(GRID, CELL_CLASSES, NAMED_CLASSES),  # pairs carry no cell labels
+        grid=GridSpec(GRID, CELL_CLASSES, NAMED_CLASSES),
     )
