@@ -10,12 +10,16 @@ With --two-stage, every teacher is fine-tuned from an image-text matching teache
 source's image-caption pairs (`teacher --task itm`, as ViLT is pre-trained before fine-tuning), that ITM
 teacher is distilled into a stage-1 student (`pretrain`), and the variant `dide-2stage` starts the
 fine-tuning distillation from that student; `dide` (from the teacher's weights) is then "fine-tuning
-distillation only". Both use the same task teacher.
+distillation only". Both use the same task teacher. From-scratch teachers learn the scenes only with their
+recipe (service/demo.py: `--teacher-flags '--lr 1e-3 --dropout 0 --augment none --grid-loss 1'`), which
+--teacher-flags gives the ITM teacher and the task teachers alike, and --pretrain-flags gives stage 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import platform
@@ -47,6 +51,8 @@ VARIANTS = {
     "image-only": ["--w-gt", "1", "--w-pred", "0", "--w-attn", "0", "--blind", "text"],
     "dide-2stage": ["--init", "{stage1}"],  # --two-stage only
 }
+# What the benchmark sets on each run itself: which run it is, where it goes, its seed and length.
+OWN_FLAGS = ("--task", "--data", "--out", "--teacher", "--init", "--size", "--epochs", "--seed")
 COLUMNS = {
     "teacher": "teacher",
     "gt-only": "student GT-only",
@@ -102,7 +108,8 @@ def run_dataset(name: str, args, work: Path) -> dict:
         d = work / name / f"seed{seed}"
         teacher = d / "teacher"
         t_argv = ["teacher", "--task", task, "--data", data, "--size", args.size, "--out", str(teacher),
-                  "--epochs", str(args.teacher_epochs), "--seed", str(seed), *common, *teacher_flags]  # fmt: skip
+                  "--epochs", str(args.teacher_epochs), "--seed", str(seed), *common, *teacher_flags,
+                  *args.teacher_flags.split()]  # fmt: skip
         stage1 = None
         if args.two_stage:
             stage1 = run_stage1(data, seed, args, work, common, rows)
@@ -157,9 +164,10 @@ def run_stage1(data: str, seed: int, args, work: Path, common: list[str], rows: 
     d = work / f"itm-{data.replace(':', '-').replace(',', '-')}" / f"seed{seed}"
     itm_teacher, stage1 = d / "itm-teacher", d / "stage1"
     t_argv = ["teacher", "--task", "itm", "--data", data, "--size", args.size, "--out", str(itm_teacher),
-              "--epochs", str(args.itm_epochs), "--seed", str(seed), *common]  # fmt: skip
+              "--epochs", str(args.itm_epochs), "--seed", str(seed), *common, *args.teacher_flags.split()]  # fmt: skip
     s_argv = ["pretrain", "--teacher", str(itm_teacher), "--out", str(stage1),
-              "--epochs", str(args.pretrain_epochs), "--seed", str(seed), *common]  # fmt: skip
+              "--epochs", str(args.pretrain_epochs), "--seed", str(seed), *common,
+              *args.pretrain_flags.split()]  # fmt: skip
     for name, argv, out in (("itm-teacher", t_argv, itm_teacher), ("stage1", s_argv, stage1)):
         if args.collect and not out.exists():
             return None
@@ -174,6 +182,8 @@ def markdown(report: dict) -> str:
     teacher = (
         f"teacher `{report['teacher']}`" if report.get("teacher") else f"teacher {report['teacher_epochs']} epochs"
     )
+    if report.get("teacher_flags"):
+        teacher += f" (`{report['teacher_flags']}`)"
     students = f"{report['student_epochs']} epochs"
     if report.get("patience"):
         students = (
@@ -215,9 +225,12 @@ def markdown(report: dict) -> str:
         lines += [
             "",
             "Two stages: each teacher was fine-tuned from an ITM teacher trained on the same source's "
-            "image-caption pairs; *DiDE (pred + attn KD)* is fine-tuning distillation only (student from the "
-            "task teacher's weights), *DiDE, both stages* starts from the stage-1 student. Stage 1, ITM accuracy "
-            "on held-out pairs (one matched, one mismatched caption per image):",
+            "image-caption pairs"
+            + (" with the same teacher flags" if report.get("teacher_flags") else "")
+            + "; *DiDE (pred + attn KD)* is fine-tuning distillation only (student from the "
+            "task teacher's weights), *DiDE, both stages* starts from the stage-1 student"
+            + (f" (trained with `{report['pretrain_flags']}`)" if report.get("pretrain_flags") else "")
+            + ". Stage 1, ITM accuracy on held-out pairs (one matched, one mismatched caption per image):",
             "",
             "| data | ITM teacher | stage-1 student |",
             "|---|---|---|",
@@ -258,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="seeds K..K+N-1 (more seeds later: then --merge)")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--student-flags", default="", help="more `dide-train distill` flags for every student")
+    p.add_argument(
+        "--teacher-flags",
+        default="",
+        help="more `dide-train teacher` flags for every teacher trained here, --two-stage's ITM teachers too (after "
+        "a dataset's own, e.g. easy-vqa's --augment flip, so they win)",
+    )
+    p.add_argument("--pretrain-flags", default="", help="--two-stage: more `dide-train pretrain` flags for stage 1")
     p.add_argument(
         "--patience",
         type=int,
@@ -304,6 +324,20 @@ def main(argv: list[str] | None = None) -> int:
         args.variants = [v for v in VARIANTS if v != "dide-2stage" or args.two_stage]
     if "dide-2stage" in args.variants and not args.two_stage:
         p.error("the dide-2stage variant needs --two-stage")
+    if args.teacher and args.teacher_flags:
+        p.error("--teacher-flags trains teachers: a given --teacher is not trained")
+    if args.pretrain_flags and not args.two_stage:
+        p.error("--pretrain-flags needs --two-stage (stage 1)")
+    student = dide_train_flags(p, "--student-flags", args.student_flags, "distill")
+    teacher = dide_train_flags(p, "--teacher-flags", args.teacher_flags, "teacher")
+    stage1 = dide_train_flags(p, "--pretrain-flags", args.pretrain_flags, "pretrain")
+    if args.two_stage and teacher.grid_loss and "easy-vqa" in args.datasets:
+        p.error("--teacher-flags --grid-loss with --two-stage: easy-vqa's image-caption pairs have no grid labels")
+    if "dide-2stage" in args.variants and student.fusion != stage1.fusion:
+        p.error(
+            f"--student-flags fuse with {student.fusion!r}, --pretrain-flags with {stage1.fusion!r}: dide-2stage "
+            "starts from the stage-1 student, which keeps its fusion; give both the same --fusion"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
     import transformers
@@ -318,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_epochs": args.teacher_epochs,
         "student_epochs": args.student_epochs,
         "student_flags": args.student_flags,
+        "teacher_flags": args.teacher_flags,
+        "pretrain_flags": args.pretrain_flags,
         "patience": args.patience,
         "eval_limit": args.eval_limit,
         "seeds": args.seeds,
@@ -337,6 +373,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def dide_train_flags(p: argparse.ArgumentParser, option: str, value: str, command: str) -> argparse.Namespace:
+    """`value`, the extra flags `option` gives `dide-train command`, as that command reads them: refused before
+    anything trains when they set what the benchmark sets itself (OWN_FLAGS, or an abbreviation of one) or that
+    command refuses them (unknown flags, bad values), not hours later in the middle of a run."""
+    from training.train import build_parser
+
+    flags = value.split()
+    own = [f for f in flags if f.startswith("--") and any(o.startswith(f.split("=")[0]) for o in OWN_FLAGS)]
+    if own:
+        p.error(f"{option}: {' '.join(own)} is set by the benchmark itself (one of {' '.join(OWN_FLAGS)})")
+    given = {
+        "teacher": ["--task", "vqa"],
+        "distill": ["--task", "vqa", "--teacher", "T"],
+        "pretrain": ["--teacher", "T"],
+    }
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            return build_parser().parse_args([command, *given[command], "--out", "OUT", *flags])
+    except SystemExit:  # its last line, e.g. "dide-train teacher: error: unrecognized arguments: --foo"
+        lines = said.getvalue().strip().splitlines() or [f"not `dide-train {command}` flags"]
+        p.error(f"{option}: {lines[-1]}")
+
+
 def write_report(report: dict, out: Path, name: str, readme: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
@@ -353,10 +413,14 @@ def merge(reports: list[dict]) -> dict:
     (the same test accuracy) in every report that has it.
     """
     settings = ("size", "teacher_epochs", "student_epochs", "student_flags", "patience", "max_train")
-    settings += ("two_stage", "teacher")
+    settings += ("two_stage", "teacher", "teacher_flags", "pretrain_flags")
     first = reports[0]
+
+    def setting(r: dict, k: str):
+        return r.get(k, "" if k.endswith("_flags") else None)  # a report from before a flags option gave none
+
     for r in reports[1:]:
-        differ = [k for k in settings if r.get(k) != first.get(k)]
+        differ = [k for k in settings if setting(r, k) != setting(first, k)]
         if differ:
             raise SystemExit(f"cannot merge reports whose settings differ: {', '.join(differ)}")
     datasets: dict = {}

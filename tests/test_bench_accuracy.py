@@ -13,30 +13,42 @@ from bench.measure import markers
 
 @pytest.mark.slow
 def test_two_stage_ablation_writes_json_markdown_and_readme(tmp_path, monkeypatch):
+    """With the scenes teachers' recipe: the ITM and task teachers get --teacher-flags (the grid rung on the
+    pairs too), stage 1 --pretrain-flags."""
     monkeypatch.setenv("DIDE_DATA_DIR", str(tmp_path / "data"))
     readme = tmp_path / "README.md"
     start, end = markers("two-stage")
     readme.write_text(f"intro\n{start}\nold\n{end}\nrest\n")
     out = tmp_path / "results"
+    teacher_flags, pretrain_flags = "--lr 1e-3 --dropout 0 --augment none --grid-loss 1", "--augment none --grid-loss 1"
     argv = ["--datasets", "scenes-vqa", "--variants", "dide", "dide-2stage", "--size", "tiny",
             "--scenes", "scenes:train=12,test=8,seed=0", "--teacher-epochs", "1", "--student-epochs", "1",
             "--itm-epochs", "1", "--pretrain-epochs", "1", "--batch-size", "8", "--two-stage",
+            "--teacher-flags", teacher_flags, "--pretrain-flags", pretrain_flags,
             "--work", str(tmp_path / "work"), "--out", str(out),
             "--readme", str(readme), "--name", "two-stage"]  # fmt: skip
     assert accuracy.main(argv) == 0
 
     report = json.loads((out / "two-stage.json").read_text())
+    assert (report["teacher_flags"], report["pretrain_flags"]) == (teacher_flags, pretrain_flags)
     rows = report["datasets"]["scenes-vqa"]
     assert set(rows["runs"]) == {"teacher", "dide", "dide-2stage"}
     assert set(rows["stage1"]) == {"itm-teacher", "stage1"}
     assert rows["stage1"]["itm-teacher"][0]["task"] == "itm"
+    assert teacher_flags in rows["stage1"]["itm-teacher"][0]["command"]
+    assert pretrain_flags in rows["stage1"]["stage1"][0]["command"]
     two_stage = rows["runs"]["dide-2stage"][0]
     assert "--init" in two_stage["command"] and "stage1" in two_stage["command"]
-    assert "--init" in rows["runs"]["teacher"][0]["command"]  # the task teacher starts from the ITM teacher
+    teacher = rows["runs"]["teacher"][0]["command"]
+    assert "--init" in teacher and teacher_flags in teacher  # the task teacher starts from the ITM teacher
     for runs in rows["runs"].values():
         assert 0.0 <= runs[0]["accuracy"] <= 1.0 and runs[0]["n"] > 0
+    (stage1,) = (tmp_path / "work").glob("itm-scenes-*/seed0")
+    assert json.loads((stage1 / "itm-teacher" / "dide.json").read_text())["training"]["grid_loss"] == 1.0
+    assert json.loads((stage1 / "stage1" / "config.json").read_text())["loss_weights"]["grid"] == 1.0
     table = (out / "two-stage.md").read_text()
     assert "DiDE, both stages" in table and "stage-1 student" in table
+    assert f"teacher 1 epochs (`{teacher_flags}`)" in table and f"(trained with `{pretrain_flags}`)" in table
     assert table in readme.read_text() and "old" not in readme.read_text()
 
 
@@ -48,6 +60,18 @@ def test_bad_flags_are_refused_with_a_message(tmp_path, capsys):
         (["--merge", str(tmp_path / "missing.json")], "cannot read a report"),
         (["--patience", "-1"], "--patience must be >= 0 and --eval-limit >= 1"),
         (["--first-seed", "-1"], "--seeds must be >= 1 and --first-seed >= 0"),
+        (["--datasets", "easy-vqa", "--teacher", str(tmp_path), "--two-stage"], "--teacher takes one dataset and no"),
+        (["--datasets", "easy-vqa", "--teacher", str(tmp_path), "--teacher-flags", "--lr 1"], "is not trained"),
+        (["--pretrain-flags", "--dropout 0"], "--pretrain-flags needs --two-stage"),
+        (["--teacher-flags", "--epochs 9"], "--teacher-flags: --epochs is set by the benchmark itself"),
+        (["--student-flags", "--dropout 0 --se 1"], "--student-flags: --se is set by the benchmark itself"),
+        (
+            ["--teacher-flags", "--lr 1 --no-such 1"],
+            "--teacher-flags: dide-train: error: unrecognized arguments: --no-such 1",
+        ),
+        (["--pretrain-flags", "--lr x", "--two-stage"], "--pretrain-flags: dide-train pretrain: error: argument --lr"),
+        (["--two-stage", "--student-flags", "--fusion product"], "dide-2stage starts from the stage-1 student"),
+        (["--two-stage", "--teacher-flags", "--grid-loss 1"], "easy-vqa's image-caption pairs have no grid labels"),
     ):
         with pytest.raises(SystemExit) as e:
             accuracy.main([*argv, "--work", str(tmp_path)])
@@ -143,6 +167,12 @@ def test_merge_joins_reports_of_the_same_settings(tmp_path):
 
     b.write_text(json.dumps(report("scenes-vqa", 0.25, size="small")))
     with pytest.raises(SystemExit, match="settings differ: size"):
+        accuracy.main(["--merge", str(a), str(b), "--out", str(tmp_path)])
+    # A report from before --teacher-flags and --pretrain-flags had none: it joins one that gave none, not another.
+    b.write_text(json.dumps(report("scenes-vqa", 0.25, teacher_flags="", pretrain_flags="")))
+    assert accuracy.main(["--merge", str(a), str(b), "--out", str(tmp_path), "--name", "merged"]) == 0
+    b.write_text(json.dumps(report("scenes-vqa", 0.25, teacher_flags="--grid-loss 1", pretrain_flags="")))
+    with pytest.raises(SystemExit, match="settings differ: teacher_flags"):
         accuracy.main(["--merge", str(a), str(b), "--out", str(tmp_path)])
 
 
