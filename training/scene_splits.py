@@ -163,7 +163,8 @@ def _reasoning_split(n_images: int, rng: random.Random) -> tuple[list[Scene], li
 
 def _itm_split(n_images: int, rng: random.Random) -> tuple[list[Scene], list[dict]]:
     """Scenes, each with one true caption, its hard negatives, and which cells the caption names: the subject
-    (1) and the object (2) of its relation, as a question's mentions (the others it lists are not named)."""
+    (1) and the object (2) of its relation, as a question's mentions (the other shapes it lists only where they
+    fit one of those two descriptions)."""
     scenes = [random_scene(rng) for _ in range(n_images)]
     records = []
     for i, scene in enumerate(scenes):
