@@ -230,7 +230,13 @@ def markdown(report: dict) -> str:
             + "; *DiDE (pred + attn KD)* is fine-tuning distillation only (student from the "
             "task teacher's weights), *DiDE, both stages* starts from the stage-1 student"
             + (f" (trained with `{report['pretrain_flags']}`)" if report.get("pretrain_flags") else "")
-            + ". Stage 1, ITM accuracy on held-out pairs (one matched, one mismatched caption per image):",
+            + ". Stage 1"
+            + (
+                f" (ITM teacher {report['itm_epochs']} epochs, stage-1 student {report['pretrain_epochs']} epochs)"
+                if report.get("itm_epochs")
+                else ""
+            )
+            + ", ITM accuracy on held-out pairs (one matched, one mismatched caption per image):",
             "",
             "| data | ITM teacher | stage-1 student |",
             "|---|---|---|",
@@ -361,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_train": args.max_train,
         "variants": args.variants,
         "two_stage": args.two_stage,
+        "itm_epochs": args.itm_epochs if args.two_stage else None,
+        "pretrain_epochs": args.pretrain_epochs if args.two_stage else None,
         "teacher": args.teacher,
         "datasets": {},
     }
@@ -413,7 +421,7 @@ def merge(reports: list[dict]) -> dict:
     (the same test accuracy) in every report that has it.
     """
     settings = ("size", "teacher_epochs", "student_epochs", "student_flags", "patience", "max_train")
-    settings += ("two_stage", "teacher", "teacher_flags", "pretrain_flags")
+    settings += ("two_stage", "itm_epochs", "pretrain_epochs", "teacher", "teacher_flags", "pretrain_flags")
     first = reports[0]
 
     def setting(r: dict, k: str):

@@ -174,6 +174,10 @@ def test_merge_joins_reports_of_the_same_settings(tmp_path):
     b.write_text(json.dumps(report("scenes-vqa", 0.25, teacher_flags="--grid-loss 1", pretrain_flags="")))
     with pytest.raises(SystemExit, match="settings differ: teacher_flags"):
         accuracy.main(["--merge", str(a), str(b), "--out", str(tmp_path)])
+    a.write_text(json.dumps(report("easy-vqa", 0.5, two_stage=True, itm_epochs=3, pretrain_epochs=2)))
+    b.write_text(json.dumps(report("scenes-vqa", 0.25, two_stage=True, itm_epochs=4, pretrain_epochs=2)))
+    with pytest.raises(SystemExit, match="settings differ: itm_epochs"):
+        accuracy.main(["--merge", str(a), str(b), "--out", str(tmp_path)])
 
 
 def test_merge_adds_seeds_trained_later_and_refuses_a_seed_twice_or_another_teacher(tmp_path):
