@@ -57,7 +57,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata
 
     out = {"python": platform.python_version()}
-    for dist in ("torch", "onnxruntime", "numpy", "transformers", "fastapi", "uvicorn", "httpx"):
+    for dist in ("torch", "onnxruntime", "onnxruntime-gpu", "numpy", "transformers", "fastapi", "uvicorn", "httpx"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[dist] = importlib.metadata.version(dist)
     return out

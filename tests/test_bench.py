@@ -461,3 +461,34 @@ def test_frontier_exports_trained_students_and_marks_the_pareto_front(tmp_path, 
     assert frontier.main(twice) == 2
     assert "same text depth" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_gpu_check_travels_without_weights_and_runs_beside_the_cpu(tmp_path: Path) -> None:
+    from bench import gpu
+
+    graphs, out = tmp_path / "graphs", tmp_path / "out"
+    assert gpu.main(["prepare", "--graphs", str(graphs), "--sizes", "tiny"]) == 0
+    tiny = graphs / "tiny"
+    request = json.loads((tiny / "request.json").read_text())
+    for name in gpu.GRAPHS:
+        assert request["weight_bytes"][name] > 0 and not (tiny / f"{name}.weights").exists()
+    with pytest.raises(SystemExit, match="has no CUDAExecutionProvider"):  # this CPU build cannot pass for a GPU
+        gpu.main(["run", "--graphs", str(graphs), "--out", str(out)])
+    # The CPU provider standing in for the accelerator: every step runs, and both sides agree exactly.
+    argv = ["run", "--graphs", str(graphs), "--out", str(out), "--provider", gpu.CPU, "--rounds", "3"]
+    assert gpu.main(argv) == 0
+    for name in gpu.GRAPHS:  # the random weights written back fill exactly what was stripped
+        assert (tiny / f"{name}.weights").stat().st_size == request["weight_bytes"][name]
+    report = check_files(out, "gpu")
+    check_header(report, "gpu")
+    assert not (out / "gpu.partial.json").exists()
+    assert {b["bundle"] for b in report["demo_bundles"]} == {"vqa", "entailment", "reasoning"}
+    for b in report["demo_bundles"]:
+        assert b["provider"] == gpu.CPU and b["logits_rel_diff"] == 0.0 and b["argmax_agree"] == 1.0
+    (size,) = report["sizes"]
+    assert size["size"] == "tiny" and [b["batch"] for b in size["batches"]] == [1, gpu.LARGE_BATCH["tiny"]]
+    assert all(p["kernels"][gpu.CPU] > 0 for p in size["placement"].values())
+    assert all(d == 0.0 for d in size["gpu_vs_cpu_rel_diff"].values())
+    for b in size["batches"]:
+        assert len(b["variants"]) == 6 and all(v["median_ms"] > 0 for v in b["variants"].values())
+        assert all(r > 0 for r in b["ratios"].values())
