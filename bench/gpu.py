@@ -180,8 +180,7 @@ def check_demo_bundles(bundles: Path, accel: str) -> list[dict]:
         cpu = Bundle.load(directory, [CPU])
         size = gpu.image_spec.size
         pixels = rng.standard_normal((8, 3, size, size), dtype=np.float32)
-        texts = ["what color is the circle?", "is there a red square?", "there are two circles."] * 3
-        texts = texts[:8]
+        texts = (["what color is the circle?", "is there a red square?", "there are two circles."] * 3)[:8]
         out = {}
         for name, b in (("gpu", gpu), ("cpu", cpu)):
             image = b.encode_images(pixels)
