@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import set_external_data
 
@@ -145,9 +146,8 @@ def gpu_name() -> str:
         return f"unknown ({e})"
 
 
-def kernels_by_provider(session_for: Callable[[bool], object], feeds: dict) -> dict:
-    """Run the graph once in a profiled session; count its kernels per provider and name the CPU ones."""
-    session = session_for(True)
+def kernels_by_provider(session: ort.InferenceSession, feeds: dict) -> dict:
+    """Run a profiled session once; count its kernels per provider and name the CPU ones."""
     session.run(None, feeds)
     trace = Path(session.end_profiling())
     events = json.loads(trace.read_text())
@@ -202,8 +202,6 @@ def check_demo_bundles(bundles: Path, accel: str) -> list[dict]:
 
 
 def run(graphs: Path, bundles: Path, out: Path, rounds: int, accel: str, argv: list[str]) -> dict:
-    import onnxruntime as ort
-
     if hasattr(ort, "preload_dlls"):  # the CUDA and cuDNN libraries of the nvidia-* wheels beside torch
         ort.preload_dlls()
     available = ort.get_available_providers()
@@ -215,10 +213,15 @@ def run(graphs: Path, bundles: Path, out: Path, rounds: int, accel: str, argv: l
         raise SystemExit(f"this onnxruntime ({ort.__version__}) has no {accel}: {available}")
     report["demo_bundles"] = check_demo_bundles(bundles, accel)
     report["sizes"] = []
-    for size_dir in sorted(p for p in graphs.iterdir() if (p / REQUEST).is_file()):
-        report["sizes"].append(measure_size(ort, size_dir, rounds, accel))
+    for size_dir in size_dirs(graphs):
+        report["sizes"].append(measure_size(size_dir, rounds, accel))
         write_json_now(out, report)
     return report
+
+
+def size_dirs(graphs: Path) -> list[Path]:
+    """The SIZE folders `prepare` wrote under `graphs`."""
+    return sorted(p for p in graphs.iterdir() if (p / REQUEST).is_file())
 
 
 def write_json_now(out: Path, report: dict) -> None:
@@ -227,7 +230,7 @@ def write_json_now(out: Path, report: dict) -> None:
     (out / "gpu.partial.json").write_text(json.dumps(report, indent=2))
 
 
-def measure_size(ort, size_dir: Path, rounds: int, accel: str) -> dict:
+def measure_size(size_dir: Path, rounds: int, accel: str) -> dict:
     request = json.loads((size_dir / REQUEST).read_text())
     size, dim, S = request["size"], request["dim"], request["image_size"]
     t0 = time.perf_counter()
@@ -235,7 +238,7 @@ def measure_size(ort, size_dir: Path, rounds: int, accel: str) -> dict:
         write_random_weights(size_dir / name, seed=i)
     log.info("%s: random weights written in %.1f s", size, time.perf_counter() - t0)
 
-    def session(name: str, provider: str, profile: bool = False):
+    def session(name: str, provider: str, profile: bool = False) -> ort.InferenceSession:
         options = ort.SessionOptions()
         options.enable_profiling = profile
         if profile:
@@ -269,9 +272,7 @@ def measure_size(ort, size_dir: Path, rounds: int, accel: str) -> dict:
         }
 
     one = inputs(1)
-    result["placement"] = {
-        name: kernels_by_provider(lambda profile, n=name: session(n, accel, profile), one[name]) for name in GRAPHS
-    }
+    result["placement"] = {name: kernels_by_provider(session(name, accel, profile=True), one[name]) for name in GRAPHS}
     parity = {}
     for name in GRAPHS:
         a = sessions["gpu"][name].run(None, one[name])[0]
@@ -422,8 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare":
         prepare(args.sizes, args.graphs)
         return 0
-    if not args.graphs.is_dir():
-        p.error(f"--graphs {args.graphs}: no such directory (run `python -m bench.gpu prepare` first)")
+    if not args.graphs.is_dir() or not size_dirs(args.graphs):
+        p.error(f"--graphs {args.graphs}: no graphs there (run `python -m bench.gpu prepare --graphs DIR` first)")
+    if not args.bundles.is_dir():
+        p.error(f"--bundles {args.bundles}: no such directory")
     if args.rounds < 3:
         p.error("--rounds must be at least 3")
     report = run(args.graphs, args.bundles, args.out, args.rounds, args.provider, argv)

@@ -463,15 +463,24 @@ def test_frontier_exports_trained_students_and_marks_the_pareto_front(tmp_path, 
     assert not (tmp_path / "x").exists()
 
 
-def test_gpu_check_travels_without_weights_and_runs_beside_the_cpu(tmp_path: Path) -> None:
+def test_gpu_check_travels_without_weights_and_runs_beside_the_cpu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from bench import gpu
 
     graphs, out = tmp_path / "graphs", tmp_path / "out"
+    graphs.mkdir()
+    with pytest.raises(SystemExit) as e:  # a folder `prepare` has not filled
+        gpu.main(["run", "--graphs", str(graphs)])
+    assert e.value.code == 2 and "no graphs there" in capsys.readouterr().err
     assert gpu.main(["prepare", "--graphs", str(graphs), "--sizes", "tiny"]) == 0
     tiny = graphs / "tiny"
     request = json.loads((tiny / "request.json").read_text())
     for name in gpu.GRAPHS:
         assert request["weight_bytes"][name] > 0 and not (tiny / f"{name}.weights").exists()
+    with pytest.raises(SystemExit) as e:
+        gpu.main(["run", "--graphs", str(graphs), "--bundles", str(tmp_path / "none")])
+    assert e.value.code == 2 and "--bundles" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="has no CUDAExecutionProvider"):  # this CPU build cannot pass for a GPU
         gpu.main(["run", "--graphs", str(graphs), "--out", str(out)])
     # The CPU provider standing in for the accelerator: every step runs, and both sides agree exactly.
