@@ -203,15 +203,7 @@ def markdown(report: dict) -> str:
         "|---|---|" + "---|" * len(cols),
     ]
     for name, rows in report["datasets"].items():
-        cells = []
-        for c in cols:
-            s = rows["summary"].get(c)
-            if s is None:
-                cells.append("–")
-            elif s["n_seeds"] > 1:
-                cells.append(f"{s['mean']:.3f} [{s['min']:.3f}, {s['max']:.3f}]")
-            else:
-                cells.append(f"{s['mean']:.3f}")
+        cells = [over_seeds([r["accuracy"] for r in rows["runs"].get(c, [])]) for c in cols]
         lines.append(f"| {name} | {rows['task']} | " + " | ".join(cells) + " |")
     kept = {
         (name, c): [r["stopping"]["epoch"] for r in runs if "stopping" in r]
@@ -247,9 +239,17 @@ def markdown(report: dict) -> str:
             if rows["data"] in seen or not stage1:
                 continue
             seen.add(rows["data"])
-            accs = [stage1.get(k, [{}])[0].get("accuracy") for k in ("itm-teacher", "stage1")]
-            lines.append(f"| {rows['data']} | " + " | ".join("–" if a is None else f"{a:.3f}" for a in accs) + " |")
+            cells = [over_seeds([r["accuracy"] for r in stage1.get(k, [])]) for k in ("itm-teacher", "stage1")]
+            lines.append(f"| {rows['data']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def over_seeds(accs: list[float]) -> str:
+    """A table cell: the mean, with [min, max] when there is more than one seed; "–" when there is none."""
+    if not accs:
+        return "–"
+    mean = f"{sum(accs) / len(accs):.3f}"
+    return f"{mean} [{min(accs):.3f}, {max(accs):.3f}]" if len(accs) > 1 else mean
 
 
 def machine() -> dict:
@@ -434,20 +434,21 @@ def merge(reports: list[dict]) -> dict:
     datasets: dict = {}
     for r in reports:
         for name, rows in r["datasets"].items():
-            into = datasets.setdefault(name, {k: v for k, v in rows.items() if k not in ("runs", "summary")})
+            into = datasets.setdefault(name, {k: v for k, v in rows.items() if k not in ("runs", "summary", "stage1")})
             into.setdefault("runs", {})
-            for col, runs in rows["runs"].items():
-                have = into["runs"].setdefault(col, [])
-                if col == "teacher" and first.get("teacher") and have:
-                    if any(abs(t["accuracy"] - have[0]["accuracy"]) > 1e-9 for t in runs):
-                        raise SystemExit(f"cannot merge {name}: its teacher differs between the reports")
-                    continue
-                seeds = {x["seed"] for x in have}
-                again = sorted(seeds & {x["seed"] for x in runs})
-                if again:
-                    raise SystemExit(f"cannot merge {name}: {col} seed(s) {again} are in more than one report")
-                have += runs
-                have.sort(key=lambda x: x["seed"])
+            for part in ("runs", "stage1"):  # --two-stage: stage 1 is trained per seed, as the teachers are
+                for col, runs in rows.get(part, {}).items():
+                    have = into.setdefault(part, {}).setdefault(col, [])
+                    if part == "runs" and col == "teacher" and first.get("teacher") and have:
+                        if any(abs(t["accuracy"] - have[0]["accuracy"]) > 1e-9 for t in runs):
+                            raise SystemExit(f"cannot merge {name}: its teacher differs between the reports")
+                        continue
+                    seeds = {x["seed"] for x in have}
+                    again = sorted(seeds & {x["seed"] for x in runs})
+                    if again:
+                        raise SystemExit(f"cannot merge {name}: {col} seed(s) {again} are in more than one report")
+                    have += runs
+                    have.sort(key=lambda x: x["seed"])
     for rows in datasets.values():
         summarize(rows)
     variants = {v for r in reports for v in r["variants"]}

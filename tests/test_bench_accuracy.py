@@ -203,3 +203,27 @@ def test_merge_adds_seeds_trained_later_and_refuses_a_seed_twice_or_another_teac
     b.write_text(json.dumps(report("scenes-vqa", 0.6, teacher="T", first_seed=2) | {"variants": []}))
     with pytest.raises(SystemExit, match="its teacher differs"):
         accuracy.main(["--merge", str(a), str(b), "--out", str(tmp_path)])
+
+
+def test_merge_joins_two_stage_seeds_with_their_own_teachers_and_stage_one(tmp_path):
+    """--two-stage trains every seed's ITM teacher, stage 1 and task teacher: seeds run apart are joined, all three."""
+    paths = []
+    for seed, acc in ((0, 0.5), (1, 0.7)):
+        r = report("scenes-entailment", acc, two_stage=True, itm_epochs=3, pretrain_epochs=2, first_seed=seed)
+        rows = r["datasets"]["scenes-entailment"]
+        rows["runs"] = {col: [{"seed": seed, "accuracy": acc, "n": 10, "command": "c"}] for col in ("teacher", "dide")}
+        rows["stage1"] = {k: [{"seed": seed, "accuracy": acc + 0.1, "command": "c"}] for k in ("itm-teacher", "stage1")}
+        paths.append(tmp_path / f"s{seed}.json")
+        paths[-1].write_text(json.dumps(r))
+    assert accuracy.main(["--merge", *map(str, paths), "--out", str(tmp_path), "--name", "merged"]) == 0
+    rows = json.loads((tmp_path / "merged.json").read_text())["datasets"]["scenes-entailment"]
+    assert [r["seed"] for r in rows["stage1"]["stage1"]] == [0, 1] and len(rows["runs"]["teacher"]) == 2
+    table = (tmp_path / "merged.md").read_text()
+    assert "| scenes-entailment | vqa | 0.600 [0.500, 0.700] | 0.600 [0.500, 0.700] |" in table
+    assert "| scenes-entailment | 0.700 [0.600, 0.800] | 0.700 [0.600, 0.800] |" in table
+    again = json.loads(paths[1].read_text())  # new students and teacher, but seed 1's stage 1 again
+    for runs in again["datasets"]["scenes-entailment"]["runs"].values():
+        runs[0]["seed"] = 2
+    paths[0].write_text(json.dumps(again))
+    with pytest.raises(SystemExit, match=r"itm-teacher seed\(s\) \[1\] are in more than one report"):
+        accuracy.main(["--merge", *map(str, paths), "--out", str(tmp_path)])
