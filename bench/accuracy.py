@@ -191,6 +191,9 @@ def markdown(report: dict) -> str:
             f"epoch, did not improve for {report['patience']} epoch(s) in a row (at most {report['student_epochs']}"
             " epochs; the best epoch kept)"
         )
+        runs = [r for d in report["datasets"].values() for col in d["runs"].values() for r in col]
+        if any("majority" in r.get("stopping", {}) for r in runs):  # training.loop.EarlyStop, since it knows chance
+            students += ", counting only once the best had left chance (2 points above the majority-answer rate)"
     flags = f" (`{report['student_flags']}`)" if report.get("student_flags") else ""
     lines = [
         f"Test accuracy, size `{report['size']}`, {teacher}, students{flags} "

@@ -94,6 +94,8 @@ def test_teacher_cli_trains_with_the_grid_loss_on_scenes(tmp_path, monkeypatch, 
     templates = {entry[0] for entry in scene_language.REASONING_STATEMENTS.values()}
     assert set(by_kind) <= templates and sum(k["n"] for k in by_kind.values()) == result["n"]
     assert sum(k["accuracy"] * k["n"] for k in by_kind.values()) == pytest.approx(result["accuracy"] * result["n"])
+    true = sum(ex.label for ex in load_data("scenes:train=12,test=4", "reasoning").test)  # chance: the larger class
+    assert result["majority"] == max(true, result["n"] - true) / result["n"]
     capsys.readouterr()
     assert train.main(["teacher", *common, "--augment", "flip", "--grid-loss", "1", "--out", str(tmp_path / "x")]) != 0
     assert "--grid-loss needs --augment none" in capsys.readouterr().err

@@ -139,6 +139,21 @@ def test_patience_stops_when_accuracy_stops_improving_and_keeps_the_best(vqa_tea
     assert not (tmp_path / "s.stopping.json").exists()
 
 
+def test_patience_waits_while_the_student_is_at_chance(vqa_teacher, tmp_path, monkeypatch):
+    """Evaluations at chance (within 2 points of always giving the most frequent answer) do not count: a student
+    that sits at chance before it learns is not stopped there."""
+    out = tmp_path / "s"
+    argv = ["distill", "--task", "vqa", "--teacher", str(vqa_teacher), "--out", str(out), *FAST]
+    argv[argv.index("--epochs") + 1] = "6"
+    scripted = iter([0.5, 0.51, 0.49, 0.515, 0.8, 0.7])
+    monkeypatch.setattr(
+        "training.loop.evaluate_dir", lambda model_dir, limit: {"accuracy": next(scripted), "majority": 0.5}
+    )
+    assert main([*argv, "--eval-every", "1", "--patience", "2"]) == 0
+    kept = json.loads((tmp_path / "s.stopping.json").read_text())
+    assert (kept["epoch"], kept["accuracy"], kept["epochs_run"], kept["majority"]) == (5, 0.8, 6, 0.5)
+
+
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert main(["teacher", "--task", "entailment", "--data", "easy-vqa", "--out", str(tmp_path / "t")]) == 2
     assert "easy-vqa" in capsys.readouterr().err

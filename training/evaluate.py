@@ -56,6 +56,7 @@ def evaluate_dir(
     batches = batch_maker(task, seed=0)
     correct, score, n = 0.0, 0.0, 0
     right: list[bool] = []  # per example, in order, for the accuracy by type (not for itm pairs)
+    always = torch.zeros(())  # per answer: how many examples answering it every time would get right
     for batch in DataLoader(ds, batch_size=batch_size):
         batch = batches(batch)
         logits, target = forward(batch), batch["target"]
@@ -66,12 +67,15 @@ def evaluate_dir(
             got = (target[:, 0] > 0.5).eq(logits[:, 0] > 0).float()
         else:
             got = target.gather(1, logits.argmax(-1)[:, None])[:, 0]
+            always = always + ((target >= 1.0 - 1e-6) if task != "vqa" else (target > 0)).sum(0).float()
         hits = (got >= 1.0 - 1e-6) if task != "vqa" else (got > 0)
         right += hits.tolist()
         correct += float(hits.sum())
         score += float(got.sum())
         n += len(got)
     result = {"accuracy": correct / max(n, 1), "n": n, "task": task, "data": spec_str, "split": split}
+    if not ranking and task != "itm":  # the accuracy of always giving the most frequent answer: chance, here
+        result["majority"] = float(always.max()) / max(n, 1)
     if spec_str.startswith("vqav2"):
         result["vqa_score"] = score / max(n, 1)
     kinds = [getattr(ex, "kind", "") for ex in ds.examples]

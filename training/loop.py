@@ -111,11 +111,17 @@ def load_resume(path: Path, model: nn.Module, optimizer, scheduler, run: dict) -
     return state["epoch"], state["step"], state.get("early")
 
 
+CHANCE_MARGIN = 0.02  # a best accuracy within this of always giving the most frequent answer is still chance
+
+
 class EarlyStop:
     """Training until the periodic test accuracy stops improving (`--patience K`): stop after K evaluations in a
     row none of which beats the best so far, and keep the best model. `--epochs` is then a cap (the learning
-    rate still decays over it). The best model is copied to OUT.best when it is evaluated (atomically), moved
-    back to OUT at the end, and what was kept is written to OUT.stopping.json."""
+    rate still decays over it). The count starts once the best has left chance (more than CHANCE_MARGIN above
+    the evaluated examples' majority-answer rate): a student that sits at chance for a while before it learns,
+    as the scenes reasoning students do for up to 1,000 steps, is waiting, not done. The best model is copied
+    to OUT.best when it is evaluated (atomically), moved back to OUT at the end, and what was kept is written
+    to OUT.stopping.json."""
 
     def __init__(self, out: Path, patience: int) -> None:
         self.out, self.patience = out, patience
@@ -131,13 +137,16 @@ class EarlyStop:
         if state:
             self.best, self.waited = state["best"], state["waited"]
 
-    def update(self, accuracy: float, epoch: int, step: int) -> bool:
-        """Record one evaluation of the model just saved to OUT; whether to stop."""
+    def update(self, accuracy: float, epoch: int, step: int, majority: float | None = None) -> bool:
+        """Record one evaluation of the model just saved to OUT (`majority`: the rate of always giving the most
+        frequent answer on the same examples, None where there is none); whether to stop."""
         if self.best is None or accuracy > self.best["accuracy"]:
             atomic_directory(self.best_dir, lambda tmp: shutil.copytree(self.out, tmp, dirs_exist_ok=True))
             self.best, self.waited = {"accuracy": accuracy, "epoch": epoch, "step": step}, 0
-        else:
+        elif majority is None or self.best["accuracy"] > majority + CHANCE_MARGIN:
             self.waited += 1
+        if majority is not None:
+            self.best["majority"] = majority
         return self.waited >= self.patience
 
     def finish(self, epochs_run: int, steps_run: int) -> None:
@@ -240,7 +249,7 @@ def train_loop(args, model: nn.Module, step_fn, train_set: ExampleDataset, save_
                 result = evaluate_dir(args.out, limit=args.eval_limit)
                 set_rng_state(kept)
                 log.info("epoch %d: %s", epoch + 1, json.dumps(result))
-                stop = early is not None and early.update(result["accuracy"], epoch + 1, step)
+                stop = early is not None and early.update(result["accuracy"], epoch + 1, step, result.get("majority"))
         if dist.is_initialized():
             dist.barrier()
         if stop_agreed(stop, device):

@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--patience",
             type=int,
             default=0,
-            help="stop once K periodic evaluations in a row do not beat the best, keeping the best (--epochs: a cap)",
+            help="stop once K periodic evaluations in a row do not beat the best, keeping the best (--epochs: a cap); "
+            "counted only once the best has left chance (2 points above the majority-answer rate)",
         )
         sp.add_argument("--restart", action="store_true", help="ignore an interrupted run's resume state")
         sp.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
