@@ -192,8 +192,12 @@ def markdown(report: dict) -> str:
             " epochs; the best epoch kept)"
         )
         runs = [r for d in report["datasets"].values() for col in d["runs"].values() for r in col]
-        if any("majority" in r.get("stopping", {}) for r in runs):  # training.loop.EarlyStop, since it knows chance
-            students += ", counting only once the best had left chance (2 points above the majority-answer rate)"
+        margins = {r["stopping"]["chance_margin"] for r in runs if "chance_margin" in r.get("stopping", {})}
+        if margins:  # training.loop.EarlyStop, since it knows chance
+            students += (
+                ", counting only once the best had left chance "
+                f"({'/'.join(f'{100 * m:g}' for m in sorted(margins))} points above the majority-answer rate)"
+            )
     flags = f" (`{report['student_flags']}`)" if report.get("student_flags") else ""
     lines = [
         f"Test accuracy, size `{report['size']}`, {teacher}, students{flags} "

@@ -152,6 +152,7 @@ def test_patience_waits_while_the_student_is_at_chance(vqa_teacher, tmp_path, mo
     assert main([*argv, "--eval-every", "1", "--patience", "2"]) == 0
     kept = json.loads((tmp_path / "s.stopping.json").read_text())
     assert (kept["epoch"], kept["accuracy"], kept["epochs_run"], kept["majority"]) == (5, 0.8, 6, 0.5)
+    assert kept["chance_margin"] == 0.02
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

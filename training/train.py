@@ -34,7 +34,7 @@ from training.distributed import setup_distributed
 from training.evaluate import evaluate_dir
 from training.examples import TASKS, Example, PairExample, TaskData, text_of
 from training.grid import GridProbe, GridTrainee, SceneProbe
-from training.loop import HEAD_LR_MULT, train_loop
+from training.loop import CHANCE_MARGIN, HEAD_LR_MULT, train_loop
 from training.scene_language import FACT_CLASSES
 from training.steps import StudentTrainingView, distill_step, loss_weights, teacher_step
 from training.student import FUSIONS, DualEncoderStudent, save_student
@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             default=0,
             help="stop once K periodic evaluations in a row do not beat the best, keeping the best (--epochs: a cap); "
-            "counted only once the best has left chance (2 points above the majority-answer rate)",
+            f"counted only once the best has left chance ({100 * CHANCE_MARGIN:g} points above the majority-answer "
+            "rate)",
         )
         sp.add_argument("--restart", action="store_true", help="ignore an interrupted run's resume state")
         sp.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = default)")
