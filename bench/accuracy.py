@@ -66,10 +66,17 @@ COLUMNS = {
 }
 
 
+def finished(out: Path) -> bool:
+    """Whether `dide-train` finished `out`: a run evaluated after every epoch writes OUT before it ends, and one
+    killed midway leaves OUT.resume (then a rerun resumes it)."""
+    return out.exists() and not out.with_name(out.name + ".resume").exists()
+
+
 def train(argv: list[str], out: Path) -> float:
-    """Train unless `out` exists; the wall time is kept beside the model so a rerun reports it too."""
+    """Train (or resume) unless `out` is finished; the wall time of the process that finished it is kept beside
+    the model so a rerun reports it too."""
     timing = out.with_name(out.name + ".seconds")
-    if not out.exists():
+    if not finished(out):
         out.with_name(out.name + ".eval.json").unlink(missing_ok=True)  # an evaluation of an earlier model
         t0 = time.time()
         log.info("$ dide-train %s", " ".join(argv))
@@ -118,7 +125,7 @@ def run_dataset(name: str, args, work: Path) -> dict:
             t_argv += ["--init", str(stage1[0])]
         if args.teacher:
             teacher, t_argv = Path(args.teacher), ["(given)", args.teacher]
-        if args.collect and not teacher.exists():
+        if args.collect and not finished(teacher):
             continue
         seconds = train(t_argv, teacher)
         if not args.teacher or seed == args.first_seed:  # a given teacher is one model: evaluated once
@@ -133,7 +140,7 @@ def run_dataset(name: str, args, work: Path) -> dict:
                       *(a.format(stage1=stage1 and stage1[1]) for a in VARIANTS[variant])]  # fmt: skip
             if args.patience:
                 s_argv += ["--eval-every", "1", "--eval-limit", str(args.eval_limit), "--patience", str(args.patience)]
-            if args.collect and not out.exists():
+            if args.collect and not finished(out):
                 continue
             seconds = train(s_argv, out)
             result = {
@@ -169,7 +176,7 @@ def run_stage1(data: str, seed: int, args, work: Path, common: list[str], rows: 
               "--epochs", str(args.pretrain_epochs), "--seed", str(seed), *common,
               *args.pretrain_flags.split()]  # fmt: skip
     for name, argv, out in (("itm-teacher", t_argv, itm_teacher), ("stage1", s_argv, stage1)):
-        if args.collect and not out.exists():
+        if args.collect and not finished(out):
             return None
         seconds = train(argv, out)
         result = {"seed": seed, **evaluate(out), "train_seconds": seconds, "command": "dide-train " + " ".join(argv)}

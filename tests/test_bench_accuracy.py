@@ -123,6 +123,31 @@ def test_a_given_teacher_is_used_not_trained_and_seeds_vary_the_students(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_run_killed_midway_is_resumed_not_taken_as_finished(tmp_path, monkeypatch):
+    """Evaluated after every epoch, a student writes OUT before it ends: killed then, it leaves OUT and OUT.resume.
+    The benchmark must resume it, not evaluate the half-trained model as if it were done."""
+    from training.train import main as dide_train
+
+    data = "scenes:train=4,test=8,seed=0"
+    teacher = given_teacher(tmp_path, monkeypatch, data)
+    out = tmp_path / "student"
+    argv = ["distill", "--task", "vqa", "--teacher", str(teacher), "--out", str(out), "--epochs", "2",
+            "--batch-size", "4", "--eval-every", "1", "--threads", "1"]  # fmt: skip
+
+    def killed(model_dir, limit):  # the kill arrives during epoch 1's evaluation, after OUT is written
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr("training.loop.evaluate_dir", killed)
+        with pytest.raises(KeyboardInterrupt):
+            dide_train(argv)
+    assert out.is_dir() and out.with_name("student.resume").is_dir()
+    assert not accuracy.finished(out)
+    seconds = accuracy.train(argv, out)
+    assert accuracy.finished(out) and seconds > 0 and accuracy.evaluate(out)["n"] > 0
+
+
+@pytest.mark.slow
 def test_students_with_extra_flags_train_until_accuracy_stops_improving(tmp_path, monkeypatch):
     data = "scenes:train=4,test=16,seed=0"
     teacher = given_teacher(tmp_path, monkeypatch, data)
