@@ -431,8 +431,9 @@ def merge(reports: list[dict]) -> dict:
     """Reports of the same settings run as separate processes as one report: other datasets, other variants, or
     other seeds of the same ones (e.g. a third seed trained later with --first-seed 2).
 
-    A run (dataset, column, seed) may come from one report only, and a dataset's teacher must be the same model
-    (the same test accuracy) in every report that has it.
+    A student (dataset, column, seed) may come from one report only. What students share may be in several: a
+    dataset's teacher, and with --two-stage each seed's teacher and stage 1 (variants of one seed run as separate
+    processes), but it must be the same model (the same test accuracy) in every report that has it.
     """
     settings = ("size", "teacher_epochs", "student_epochs", "student_flags", "patience", "max_train")
     settings += ("two_stage", "itm_epochs", "pretrain_epochs", "teacher", "teacher_flags", "pretrain_flags")
@@ -453,15 +454,22 @@ def merge(reports: list[dict]) -> dict:
             for part in ("runs", "stage1"):  # --two-stage: stage 1 is trained per seed, as the teachers are
                 for col, runs in rows.get(part, {}).items():
                     have = into.setdefault(part, {}).setdefault(col, [])
-                    if part == "runs" and col == "teacher" and first.get("teacher") and have:
+                    shared = part == "stage1" or col == "teacher"  # what the students of each report share
+                    if shared and first.get("teacher") and have:  # one given teacher for every seed
                         if any(abs(t["accuracy"] - have[0]["accuracy"]) > 1e-9 for t in runs):
                             raise SystemExit(f"cannot merge {name}: its teacher differs between the reports")
                         continue
-                    seeds = {x["seed"] for x in have}
-                    again = sorted(seeds & {x["seed"] for x in runs})
-                    if again:
-                        raise SystemExit(f"cannot merge {name}: {col} seed(s) {again} are in more than one report")
-                    have += runs
+                    by_seed = {x["seed"]: x for x in have}
+                    for x in runs:
+                        was = by_seed.get(x["seed"])
+                        if was is None:
+                            have.append(x)
+                        elif not shared:
+                            raise SystemExit(f"cannot merge {name}: {col} seed {x['seed']} is in more than one report")
+                        elif abs(x["accuracy"] - was["accuracy"]) > 1e-9:
+                            raise SystemExit(
+                                f"cannot merge {name}: its {col} of seed {x['seed']} differs between the reports"
+                            )
                     have.sort(key=lambda x: x["seed"])
     for rows in datasets.values():
         summarize(rows)

@@ -224,7 +224,7 @@ def test_merge_adds_seeds_trained_later_and_refuses_a_seed_twice_or_another_teac
     assert merged["seeds"] == 3
     assert "| scenes-vqa | vqa | 0.500 | 0.700 [0.500, 0.900] |" in (tmp_path / "merged.md").read_text()
 
-    with pytest.raises(SystemExit, match=r"dide seed\(s\) \[0, 1\] are in more than one report"):
+    with pytest.raises(SystemExit, match="dide seed 0 is in more than one report"):
         accuracy.main(["--merge", str(a), str(a), "--out", str(tmp_path)])
     b.write_text(json.dumps(report("scenes-vqa", 0.6, teacher="T", first_seed=2) | {"variants": []}))
     with pytest.raises(SystemExit, match="its teacher differs"):
@@ -247,9 +247,21 @@ def test_merge_joins_two_stage_seeds_with_their_own_teachers_and_stage_one(tmp_p
     table = (tmp_path / "merged.md").read_text()
     assert "| scenes-entailment | vqa | 0.600 [0.500, 0.700] | 0.600 [0.500, 0.700] |" in table
     assert "| scenes-entailment | 0.700 [0.600, 0.800] | 0.700 [0.600, 0.800] |" in table
-    again = json.loads(paths[1].read_text())  # new students and teacher, but seed 1's stage 1 again
-    for runs in again["datasets"]["scenes-entailment"]["runs"].values():
-        runs[0]["seed"] = 2
-    paths[0].write_text(json.dumps(again))
-    with pytest.raises(SystemExit, match=r"itm-teacher seed\(s\) \[1\] are in more than one report"):
+    # Another variant of seed 1 run as its own process: the same teacher and stage 1, counted once.
+    other = json.loads(paths[1].read_text())
+    runs = other["datasets"]["scenes-entailment"]["runs"]
+    runs["dide-2stage"] = [{**runs.pop("dide")[0], "accuracy": 0.9}]
+    paths.append(tmp_path / "s1-2stage.json")
+    paths[-1].write_text(json.dumps(other))
+    assert accuracy.main(["--merge", *map(str, paths), "--out", str(tmp_path), "--name", "merged"]) == 0
+    rows = json.loads((tmp_path / "merged.json").read_text())["datasets"]["scenes-entailment"]
+    assert [r["seed"] for r in rows["runs"]["teacher"]] == [0, 1] and [r["seed"] for r in rows["stage1"]["stage1"]] == [
+        0,
+        1,
+    ]
+    assert [r["accuracy"] for r in rows["runs"]["dide-2stage"]] == [0.9]
+    # A stage 1 of seed 1 that is not the same model is refused.
+    other["datasets"]["scenes-entailment"]["stage1"]["itm-teacher"][0]["accuracy"] = 0.81
+    paths[-1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="its itm-teacher of seed 1 differs between the reports"):
         accuracy.main(["--merge", *map(str, paths), "--out", str(tmp_path)])
