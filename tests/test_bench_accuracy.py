@@ -255,10 +255,8 @@ def test_merge_joins_two_stage_seeds_with_their_own_teachers_and_stage_one(tmp_p
     paths[-1].write_text(json.dumps(other))
     assert accuracy.main(["--merge", *map(str, paths), "--out", str(tmp_path), "--name", "merged"]) == 0
     rows = json.loads((tmp_path / "merged.json").read_text())["datasets"]["scenes-entailment"]
-    assert [r["seed"] for r in rows["runs"]["teacher"]] == [0, 1] and [r["seed"] for r in rows["stage1"]["stage1"]] == [
-        0,
-        1,
-    ]
+    assert [r["seed"] for r in rows["runs"]["teacher"]] == [0, 1]
+    assert [r["seed"] for r in rows["stage1"]["stage1"]] == [0, 1]
     assert [r["accuracy"] for r in rows["runs"]["dide-2stage"]] == [0.9]
     # A stage 1 of seed 1 that is not the same model is refused.
     other["datasets"]["scenes-entailment"]["stage1"]["itm-teacher"][0]["accuracy"] = 0.81

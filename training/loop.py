@@ -154,7 +154,7 @@ class EarlyStop:
         atomic_directory(self.out, lambda tmp: shutil.copytree(self.best_dir, tmp, dirs_exist_ok=True))
         shutil.rmtree(self.best_dir, ignore_errors=True)
         record = {**self.best, "patience": self.patience, "epochs_run": epochs_run, "steps_run": steps_run}
-        if "majority" in record:  # the patience counted from there (update)
+        if "majority" in record:  # patience counted only once the best was this far above it (update)
             record["chance_margin"] = CHANCE_MARGIN
         self.out.with_name(self.out.name + ".stopping.json").write_text(json.dumps(record) + "\n")
         log.info("kept epoch %d (step %d): accuracy %.4f, after %d epochs", self.best["epoch"], self.best["step"],
