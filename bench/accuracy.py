@@ -477,8 +477,10 @@ def merge(reports: list[dict]) -> dict:
     students = [
         x["seed"] for rows in datasets.values() for c, runs in rows["runs"].items() if c != "teacher" for x in runs
     ]
+    dates = sorted({r["date"] for r in reports})
     return {
         **first,
+        "date": dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}",  # runs measured on several days
         "command": " ; ".join(r["command"] for r in reports),
         "variants": [v for v in VARIANTS if v in variants],
         "seeds": len(set(students)),

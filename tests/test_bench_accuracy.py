@@ -212,7 +212,7 @@ def test_merge_adds_seeds_trained_later_and_refuses_a_seed_twice_or_another_teac
     first["datasets"]["scenes-vqa"]["runs"]["dide"].append(
         {**first["datasets"]["scenes-vqa"]["runs"]["dide"][0], "seed": 1, "accuracy": 0.7}
     )
-    later = report("scenes-vqa", 0.5, teacher="T", seeds=1, first_seed=2)
+    later = report("scenes-vqa", 0.5, teacher="T", seeds=1, first_seed=2, date="2026-12-03")  # on another day
     later["datasets"]["scenes-vqa"]["runs"]["dide"] = [{"seed": 2, "accuracy": 0.9, "n": 10, "command": "c"}]
     a.write_text(json.dumps(first))
     b.write_text(json.dumps(later))
@@ -221,7 +221,7 @@ def test_merge_adds_seeds_trained_later_and_refuses_a_seed_twice_or_another_teac
     rows = merged["datasets"]["scenes-vqa"]
     assert [r["seed"] for r in rows["runs"]["dide"]] == [0, 1, 2] and len(rows["runs"]["teacher"]) == 1
     assert rows["summary"]["dide"] == {"mean": pytest.approx(0.7), "min": 0.5, "max": 0.9, "n_seeds": 3}
-    assert merged["seeds"] == 3
+    assert merged["seeds"] == 3 and merged["date"] == "2026-12-01 to 2026-12-03"
     assert "| scenes-vqa | vqa | 0.500 | 0.700 [0.500, 0.900] |" in (tmp_path / "merged.md").read_text()
 
     with pytest.raises(SystemExit, match="dide seed 0 is in more than one report"):
