@@ -477,10 +477,10 @@ def merge(reports: list[dict]) -> dict:
     students = [
         x["seed"] for rows in datasets.values() for c, runs in rows["runs"].items() if c != "teacher" for x in runs
     ]
-    dates = sorted({r["date"] for r in reports})
+    days = sorted({day for r in reports for day in r["date"].split(" to ")})  # a merged report gives a range
     return {
         **first,
-        "date": dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}",  # runs measured on several days
+        "date": days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}",  # runs measured on several days
         "command": " ; ".join(r["command"] for r in reports),
         "variants": [v for v in VARIANTS if v in variants],
         "seeds": len(set(students)),

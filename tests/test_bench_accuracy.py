@@ -223,6 +223,11 @@ def test_merge_adds_seeds_trained_later_and_refuses_a_seed_twice_or_another_teac
     assert rows["summary"]["dide"] == {"mean": pytest.approx(0.7), "min": 0.5, "max": 0.9, "n_seeds": 3}
     assert merged["seeds"] == 3 and merged["date"] == "2026-12-01 to 2026-12-03"
     assert "| scenes-vqa | vqa | 0.500 | 0.700 [0.500, 0.900] |" in (tmp_path / "merged.md").read_text()
+    # A merged report merged again: its range of days, widened by the new report's day.
+    b.write_text(json.dumps(report("easy-vqa", 0.5, teacher="T", date="2026-12-05")))
+    merged_path = str(tmp_path / "merged.json")
+    assert accuracy.main(["--merge", merged_path, str(b), "--out", str(tmp_path), "--name", "again"]) == 0
+    assert json.loads((tmp_path / "again.json").read_text())["date"] == "2026-12-01 to 2026-12-05"
 
     with pytest.raises(SystemExit, match="dide seed 0 is in more than one report"):
         accuracy.main(["--merge", str(a), str(a), "--out", str(tmp_path)])
