@@ -13,7 +13,7 @@ from transformers import ViltConfig, ViltForImageAndTextRetrieval, ViltForMasked
 
 from training.loop import param_groups
 from training.scene_language import VQA_LABELS
-from training.steps import LossWeights, StudentTrainingView, distill_step, loss_weights
+from training.steps import LossWeights, StudentTrainingView, TeacherCache, distill_step, loss_weights
 from training.student import load_student
 from training.teacher import Teacher, build_teacher, load_teacher, student_from_pretrained, student_from_teacher
 from training.tokenizer import train_wordpiece
@@ -225,6 +225,40 @@ def test_nlvr2_sums_the_attention_loss_over_both_images(tokenizer):
     first, second = attention_terms(teacher, view, batch)  # teacher passes with image types 1 and 2
     assert first > 0.01 and second > 0.01 and float(second) != pytest.approx(float(first), rel=1e-3)
     assert parts["attn"] == pytest.approx(float(first + second), rel=1e-4)
+
+
+@pytest.mark.parametrize("task,w", [("reasoning", LossWeights()), ("vqa", LossWeights(attn=0.0))])
+def test_the_teacher_cache_serves_what_the_teacher_said_without_asking_it_again(tokenizer, task, w):
+    teacher, view = make_models(tokenizer, task=task)
+    batch = make_batch(teacher, two_images=task == "reasoning")
+    first = dict(batch, index=torch.tensor([4, 0, 7, 2]))  # rows of an 8-example training set
+    cache = TeacherCache(teacher, 8, keep_qk=w.attention, limit=2**30)
+    expected, _ = distill_step(view, teacher, first, task, w, 0.0)
+    filled, _ = distill_step(view, teacher, first, task, w, 0.0, cache)
+    assert torch.equal(filled, expected) and cache.filled.tolist() == [1, 0, 1, 0, 1, 0, 0, 1]
+    assert len(cache.store) == (9 if task == "reasoning" else 1)  # logits, then 4 q/k per image pass
+    with torch.no_grad():  # a teacher asked again would now answer differently
+        for p in teacher.model.parameters():
+            p.add_(torch.randn_like(p))
+    assert not torch.equal(distill_step(view, teacher, first, task, w, 0.0)[0], expected)
+    order = [2, 0, 3, 1]  # the same examples in another order: served from the cache, row by row
+    shuffled = {k: v[order] for k, v in first.items()}
+    again, _ = distill_step(view, teacher, shuffled, task, w, 0.0, cache)
+    assert torch.allclose(again, expected, rtol=1e-6)
+    missing = dict(first, index=torch.tensor([4, 0, 7, 5]))  # one unseen example: the teacher runs for the batch
+    assert not torch.allclose(distill_step(view, teacher, missing, task, w, 0.0, cache)[0], expected)
+    assert cache.filled[5]
+
+
+def test_the_teacher_cache_turns_itself_off_over_its_limit(tokenizer, caplog):
+    teacher, view = make_models(tokenizer)
+    batch = dict(make_batch(teacher), index=torch.arange(4))
+    cache = TeacherCache(teacher, 1000, keep_qk=True, limit=100_000)
+    with caplog.at_level("INFO", logger="training.steps"):
+        loss, _ = distill_step(view, teacher, batch, "vqa", LossWeights(), 0.0, cache)
+    assert cache.off and cache.store is None and not cache.filled.any()
+    assert "teacher cache off: it would need" in caplog.text
+    assert torch.equal(loss, distill_step(view, teacher, batch, "vqa", LossWeights(), 0.0)[0])
 
 
 def grad_norm(module: torch.nn.Module) -> float:

@@ -104,6 +104,20 @@ def test_evaluating_during_training_does_not_change_it(vqa_teacher, tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
+def test_the_teacher_cache_changes_the_time_not_the_student(vqa_teacher, tmp_path, caplog):
+    argv = ["distill", "--task", "vqa", "--teacher", str(vqa_teacher), *FAST, "--augment", "none"]
+    argv[argv.index("--epochs") + 1] = "3"  # epochs 2 and 3 take the teacher's outputs from the cache
+    with caplog.at_level(logging.INFO, logger="training.steps"):
+        assert main([*argv, "--out", str(tmp_path / "cached")]) == 0
+    assert "teacher cache: " in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="training.steps"):
+        assert main([*argv, "--out", str(tmp_path / "asked"), "--teacher-cache-gib", "0"]) == 0
+    assert "teacher cache" not in caplog.text
+    weights = (tmp_path / "cached" / "model.safetensors").read_bytes()
+    assert weights == (tmp_path / "asked" / "model.safetensors").read_bytes()  # the teacher draws no random numbers
+
+
 def test_patience_stops_when_accuracy_stops_improving_and_keeps_the_best(vqa_teacher, tmp_path, monkeypatch, capsys):
     out = tmp_path / "s"
     argv = ["distill", "--task", "vqa", "--teacher", str(vqa_teacher), "--out", str(out), *FAST]

@@ -18,7 +18,8 @@ from training.examples import Example, PairExample, TaskData, images_of, target_
 
 
 class ExampleDataset(Dataset):
-    """Examples as tensors: token ids and mask (pre-tokenised), pixels (decoded once), target scores.
+    """Examples as tensors: token ids and mask (pre-tokenised), pixels (decoded once), target scores, and each
+    example's index in its split (what `steps.TeacherCache` keeps the teacher's outputs by).
 
     Image-caption pairs also carry what `itm_pairs` needs to pick a negative: their image's and caption's
     ids, and their hard negatives' token ids (K per example, the first `negative_count` real).
@@ -79,7 +80,8 @@ class ExampleDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         images = images_of(self.examples[i])
-        item = {"input_ids": self.ids[i], "attention_mask": self.mask[i], "target": self.targets[i]}
+        item = {"index": torch.tensor(i), "input_ids": self.ids[i], "attention_mask": self.mask[i]}
+        item["target"] = self.targets[i]
         item["pixels"] = self.pixels(images[0])
         if len(images) == 2:
             item["pixels2"] = self.pixels(images[1])

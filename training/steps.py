@@ -3,6 +3,7 @@ distillation for the student."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,9 @@ from torch import Tensor, nn
 from training import losses
 from training.grid import GridTrainee, SceneProbe
 from training.student import DualEncoderStudent
-from training.teacher import Teacher
+from training.teacher import FusionOutput, Teacher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,6 +26,11 @@ class LossWeights:
     i2t: bool = True
     grid: float = 0.0  # the scene probe on the pooled image embeddings (scenes, easy-VQA; grid.SceneProbe)
     facts: float = 0.0  # its read-out of each image's fact from the fusion (reasoning scenes only)
+
+    @property
+    def attention(self) -> bool:
+        """Whether the step distils attention, and so needs the teacher's last-layer q/k."""
+        return self.attn > 0 and (self.t2i or self.i2t)
 
 
 def loss_weights(args) -> LossWeights:
@@ -92,17 +100,68 @@ class StudentTrainingView(nn.Module):
         return logits, text, images, aux
 
 
+class TeacherCache:
+    """The frozen teacher's outputs for each training example, kept from the first step that sees it.
+
+    Exact where an example's teacher input is the same every epoch: no image augmentation, batches used as
+    loaded (not itm's drawn pairs), and the teacher in eval mode. Every later epoch then skips the teacher's
+    forward pass, a third of a scenes student's step on the CPU. Kept in CPU memory: `limit` bytes at most, or
+    it turns itself off (logged) once the first batch shows it would need more.
+    """
+
+    def __init__(self, teacher: Teacher, examples: int, keep_qk: bool, limit: float) -> None:
+        self.teacher, self.examples, self.keep_qk, self.limit = teacher, examples, keep_qk, limit
+        self.filled = torch.zeros(examples, dtype=torch.bool)
+        self.store: list[Tensor] | None = None  # logits, then each image pass's (q_text, k_text, q_image, k_image)
+        self.off = False
+
+    def forward(self, index: Tensor, ids: Tensor, mask: Tensor, pixels: Tensor, pixels2: Tensor | None):
+        rows = index.cpu()
+        if self.store is not None and bool(self.filled[rows].all()):
+            flat = [t[rows].to(ids.device) for t in self.store]
+        else:
+            out = self.teacher.forward(ids, mask, pixels, pixels2, keep_qk=self.keep_qk)
+            flat = [out.logits, *(t for qk in out.qk for t in qk)]
+            if not self.off:
+                self._keep(rows, flat)
+        return FusionOutput(flat[0], [tuple(flat[i : i + 4]) for i in range(1, len(flat), 4)])
+
+    def _keep(self, rows: Tensor, flat: list[Tensor]) -> None:
+        if self.store is None:
+            need = self.examples * sum(t[0].numel() * t.element_size() for t in flat)
+            if need > self.limit:
+                self.off = True
+                log.info("teacher cache off: it would need %.2f GiB, over its %.2f", need / 2**30, self.limit / 2**30)
+                return
+            self.store = [t.new_empty((self.examples, *t.shape[1:]), device="cpu") for t in flat]
+            log.info("teacher cache: %.2f GiB for %d examples", need / 2**30, self.examples)
+        for kept, t in zip(self.store, flat, strict=True):
+            kept[rows] = t.cpu()
+        self.filled[rows] = True
+
+
 def distill_step(
-    view: nn.Module, teacher: Teacher, batch: dict[str, Tensor], task: str, w: LossWeights, ls: float
+    view: nn.Module,
+    teacher: Teacher,
+    batch: dict[str, Tensor],
+    task: str,
+    w: LossWeights,
+    ls: float,
+    cache: TeacherCache | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """One DiDE step: the frozen teacher's logits and last-layer q/k, the student's towers and head."""
+    """One DiDE step: the frozen teacher's logits and last-layer q/k (from `cache` where it holds them), the
+    student's towers and head."""
     assert not teacher.model.training, "the teacher distils in eval mode (no dropout), as the official code"
     ids, mask, pixels, pixels2 = batch["input_ids"], batch["attention_mask"], batch["pixels"], batch.get("pixels2")
-    need_attn = w.attn > 0 and (w.t2i or w.i2t)
+    need_attn = w.attention
     parts: dict[str, Tensor] = {}
     if w.pred > 0 or need_attn:
         with torch.no_grad():
-            t_out = teacher.forward(ids, mask, pixels, pixels2, keep_qk=need_attn)
+            if cache is None:
+                t_out = teacher.forward(ids, mask, pixels, pixels2, keep_qk=need_attn)
+            else:
+                assert cache.keep_qk == need_attn, "the cache keeps the teacher's q/k exactly when the step needs them"
+                t_out = cache.forward(batch["index"], ids, mask, pixels, pixels2)
     cells = batch.get("cells") if w.grid else None
     facts = batch.get("facts") if w.grid and w.facts else None
     logits, text, images, aux = view(ids, mask, pixels, pixels2, need_attn, cells, facts)

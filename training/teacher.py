@@ -97,6 +97,14 @@ class Teacher:
         pixels2: Tensor | None = None,
         keep_qk: bool = False,
     ) -> FusionOutput:
+        """Logits and, with `keep_qk`, the last layer's q/k. Draws nothing from the global generators: HF ViLT
+        shuffles the patches with torch.multinomial even in eval mode (undone here, `_raster_order_patches`),
+        and that draw would otherwise shift the student's shuffles and dropout, and make a run that takes the
+        teacher's outputs from `steps.TeacherCache` a different run."""
+        with torch.random.fork_rng(devices=[pixels.device] if pixels.device.type == "cuda" else []):
+            return self._forward(input_ids, attention_mask, pixels, pixels2, keep_qk)
+
+    def _forward(self, input_ids, attention_mask, pixels, pixels2, keep_qk) -> FusionOutput:
         captured: list[tuple[Tensor, Tensor]] = []
         hooks = []
         if keep_qk:

@@ -36,7 +36,7 @@ from training.examples import TASKS, Example, PairExample, TaskData, text_of
 from training.grid import GridProbe, GridTrainee, SceneProbe
 from training.loop import CHANCE_MARGIN, HEAD_LR_MULT, train_loop
 from training.scene_language import FACT_CLASSES
-from training.steps import StudentTrainingView, distill_step, loss_weights, teacher_step
+from training.steps import StudentTrainingView, TeacherCache, distill_step, loss_weights, teacher_step
 from training.student import FUSIONS, DualEncoderStudent, save_student
 from training.teacher import (
     MAX_TEXT_LEN,
@@ -166,9 +166,12 @@ def cmd_distill(args) -> int:
     teacher.model.to(device)
 
     batches = batch_maker(args.task, args.seed)
+    cache = None
+    if args.teacher_cache_gib > 0 and args.augment == "none" and args.task != "itm" and (w.pred > 0 or w.attention):
+        cache = TeacherCache(teacher, len(train_set), w.attention, args.teacher_cache_gib * 2**30)
 
     def step_fn(m, batch):
-        return distill_step(m, teacher, batches(batch), args.task, w, args.label_smoothing)
+        return distill_step(m, teacher, batches(batch), args.task, w, args.label_smoothing, cache)
 
     def save() -> None:
         save_student(
@@ -304,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=0.0,
             help="weight of the scene probe (scenes, easy-VQA): each cell's class read from the pooled image embedding",
+        )
+        sp.add_argument(
+            "--teacher-cache-gib",
+            type=float,
+            default=4.0,
+            help="keep the teacher's outputs for each training example from the first epoch on, in at most this "
+            "much CPU memory (GiB; 0: off); used only where they cannot change between epochs (--augment none, "
+            "not itm)",
         )
         sp.add_argument(
             "--fact-loss",
