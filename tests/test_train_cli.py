@@ -174,6 +174,9 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "easy-vqa" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "missing")]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
+    argv = ["distill", "--task", "vqa", "--teacher", str(tmp_path / "t"), "--out", str(tmp_path / "s")]
+    assert main([*argv, "--teacher-cache-gib", "-1"]) == 2
+    assert "--teacher-cache-gib must be 0 (off) or a size in GiB, got -1.0" in capsys.readouterr().err
 
 
 def save_hf_tokenizer(directory: Path) -> None:

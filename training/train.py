@@ -130,6 +130,8 @@ def training_settings(args) -> dict:
 
 def cmd_distill(args) -> int:
     """DiDE distillation; `pretrain` is this with task itm (stage 1, on image-caption pairs)."""
+    if args.teacher_cache_gib < 0:
+        raise ValueError(f"--teacher-cache-gib must be 0 (off) or a size in GiB, got {args.teacher_cache_gib}")
     teacher = load_teacher(args.teacher, args.task, data=args.data)
     data = limit_train(load_data(args.data or teacher.data, args.task), args.max_train, args.seed)
     teacher.model.requires_grad_(False).eval()
