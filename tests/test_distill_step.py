@@ -225,6 +225,8 @@ def test_nlvr2_sums_the_attention_loss_over_both_images(tokenizer):
     first, second = attention_terms(teacher, view, batch)  # teacher passes with image types 1 and 2
     assert first > 0.01 and second > 0.01 and float(second) != pytest.approx(float(first), rel=1e-3)
     assert parts["attn"] == pytest.approx(float(first + second), rel=1e-4)
+    with pytest.raises(ValueError, match="the reasoning teacher needs two images"):
+        teacher.forward(batch["input_ids"], batch["attention_mask"], batch["pixels"], keep_qk=True)
 
 
 @pytest.mark.parametrize("task,w", [("reasoning", LossWeights()), ("vqa", LossWeights(attn=0.0))])

@@ -101,10 +101,10 @@ class Teacher:
         shuffles the patches with torch.multinomial even in eval mode (undone here, `_raster_order_patches`),
         and that draw would otherwise shift the student's shuffles and dropout, and make a run that takes the
         teacher's outputs from `steps.TeacherCache` a different run."""
-        with torch.random.fork_rng(devices=[pixels.device] if pixels.device.type == "cuda" else []):
-            return self._forward(input_ids, attention_mask, pixels, pixels2, keep_qk)
-
-    def _forward(self, input_ids, attention_mask, pixels, pixels2, keep_qk) -> FusionOutput:
+        if self.task == "reasoning":
+            if pixels2 is None:
+                raise ValueError("the reasoning teacher needs two images")
+            pixels = torch.stack([pixels, pixels2], dim=1)
         captured: list[tuple[Tensor, Tensor]] = []
         hooks = []
         if keep_qk:
@@ -117,15 +117,7 @@ class Teacher:
 
             hooks.append(attn.key.register_forward_hook(on_key))
         try:
-            if self.task == "reasoning":
-                if pixels2 is None:
-                    raise ValueError("the reasoning teacher needs two images")
-                logits = self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    pixel_values=torch.stack([pixels, pixels2], dim=1),
-                ).logits
-            else:
+            with torch.random.fork_rng(devices=[pixels.device] if pixels.device.type == "cuda" else []):
                 logits = self.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels).logits
         finally:
             for h in hooks:
